@@ -1,0 +1,517 @@
+"""Model adapters: a pretrained model seen as a stem, an ordered list of blocks, and a head.
+
+Every adapter answers the same questions, so that freezing, the pretraining losses and the
+training loop never look inside a particular architecture:
+
+- ``embed(batch)``: the stem (token embeddings, or the convolutional stem), and a context
+  (the attention mask) that later blocks need;
+- ``run(hidden, context, blocks)``: a run of blocks (a slice of ``blocks``), bottom to top;
+- ``head(hidden, context)``: the new task head on top of the last block;
+- ``pool(hidden, context)``: one feature vector per example (mean over real tokens, or the
+  global average pool), which the ``distill`` loss compares with the pretrained model's.
+
+Running ``embed``, all blocks and ``head`` is exactly the wrapped model's own forward pass
+(tests check it), which is what lets the training loop compute the frozen bottom once.
+
+Specs (what a study file names): :class:`TextClassifier` (Hugging Face BERT-family encoders),
+:class:`ImageClassifier` (torchvision ResNets) and :class:`TinyTextClassifier` (a small random
+BERT built on the spot, for the quickstart and tests).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sweeper.errors import SweepError
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+class ModelAdapter:
+    """Base class: subclasses set ``model``, ``stem``, ``blocks`` and ``head_modules``.
+
+    Not itself an ``nn.Module``: it only points into ``model``, so that parameters and state
+    dicts are always the wrapped model's own, under the model's own names.
+    """
+
+    kind: str = ""
+    model: nn.Module
+    stem: nn.Module
+    blocks: nn.ModuleList
+    head_modules: list[nn.Module]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.model.parameters()
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return self.model.named_parameters()
+
+    def train(self, mode: bool = True) -> ModelAdapter:
+        self.model.train(mode)
+        return self
+
+    def eval(self) -> ModelAdapter:
+        return self.train(False)
+
+    def to(self, device: torch.device | str) -> ModelAdapter:
+        self.model.to(device)
+        return self
+
+    def embed(
+        self, batch: dict[str, torch.Tensor], stem: nn.Module | None = None
+    ) -> tuple[torch.Tensor, Any]:
+        """The stem's output and the context later blocks need; ``stem`` replaces ours
+        (the ``distill`` loss runs a frozen pretrained copy)."""
+        raise NotImplementedError
+
+    def context(self, batch: dict[str, torch.Tensor], hidden: torch.Tensor) -> Any:
+        """The context ``embed`` returns, rebuilt from the batch alone: for hidden states that
+        come from the frozen-prefix cache instead of the stem (``prefix.py``)."""
+        raise NotImplementedError
+
+    def run(self, hidden: torch.Tensor, context: Any, blocks: Sequence[nn.Module]) -> torch.Tensor:
+        """``blocks`` (a slice of ``self.blocks``, or copies of one), bottom to top."""
+        raise NotImplementedError
+
+    def head(self, hidden: torch.Tensor, context: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pool(self, hidden: torch.Tensor, context: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden, context = self.embed(batch)
+        return self.head(self.run(hidden, context, self.blocks), context)
+
+    def save(self, folder: Path, tokenizer: Any = None) -> None:
+        raise NotImplementedError
+
+
+class TextAdapter(ModelAdapter):
+    """A Hugging Face ``AutoModelForSequenceClassification`` of the BERT family.
+
+    Blocks are the encoder's transformer layers; the stem is the embedding layer; the head
+    is the pooler and classifier (BERT) or the classification head (RoBERTa, ELECTRA).
+    """
+
+    kind = "text"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        base = model.base_model
+        encoder = getattr(base, "encoder", None)
+        if encoder is None or not hasattr(encoder, "layer") or not hasattr(base, "embeddings"):
+            raise SweepError(
+                f"the model is a {type(model).__name__}, whose layers sweeper cannot find: "
+                "use a BERT-family encoder (BERT, RoBERTa, ELECTRA, MiniLM, XLM-R)"
+            )
+        self.config = model.config
+        self.stem = base.embeddings
+        self.blocks = encoder.layer
+        self._pooler = getattr(base, "pooler", None) if hasattr(model, "dropout") else None
+        self._pooled_head = hasattr(model, "dropout")  # BERT style: classifier(dropout(pooler))
+        self.head_modules = [m for m in (self._pooler, model.classifier) if m is not None]
+
+    def embed(
+        self, batch: dict[str, torch.Tensor], stem: nn.Module | None = None
+    ) -> tuple[torch.Tensor, Any]:
+        stem = stem or self.stem
+        hidden = stem(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
+        return hidden, self.context(batch, hidden)
+
+    def context(self, batch: dict[str, torch.Tensor], hidden: torch.Tensor) -> Any:
+        from transformers.masking_utils import create_bidirectional_mask
+
+        mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=hidden, attention_mask=batch["attention_mask"]
+        )
+        return mask, batch["attention_mask"]
+
+    def run(self, hidden: torch.Tensor, context: Any, blocks: Sequence[nn.Module]) -> torch.Tensor:
+        for layer in blocks:
+            hidden = layer(hidden, context[0])
+        return hidden
+
+    def head(self, hidden: torch.Tensor, context: Any) -> torch.Tensor:
+        if self._pooled_head:
+            pooled = self._pooler(hidden) if self._pooler is not None else hidden[:, 0]
+            return self.model.classifier(self.model.dropout(pooled))
+        return self.model.classifier(hidden)
+
+    def pool(self, hidden: torch.Tensor, context: Any) -> torch.Tensor:
+        weights = context[1].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+    def save(self, folder: Path, tokenizer: Any = None) -> None:
+        self.model.save_pretrained(folder, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+
+
+class ResNetAdapter(ModelAdapter):
+    """A torchvision ResNet: blocks are its residual blocks (8 for ResNet-18, 16 for -50)."""
+
+    kind = "image"
+
+    def __init__(self, model: nn.Module, arch: str) -> None:
+        self.model = model
+        self.arch = arch
+        self.stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+        self.blocks = nn.ModuleList(
+            [block for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for block in stage]
+        )
+        self.head_modules = [model.fc]
+
+    def embed(
+        self, batch: dict[str, torch.Tensor], stem: nn.Module | None = None
+    ) -> tuple[torch.Tensor, Any]:
+        return (stem or self.stem)(batch["pixel_values"]), None
+
+    def context(self, batch: dict[str, torch.Tensor], hidden: torch.Tensor) -> Any:
+        return None
+
+    def run(self, hidden: torch.Tensor, context: Any, blocks: Sequence[nn.Module]) -> torch.Tensor:
+        for block in blocks:
+            hidden = block(hidden)
+        return hidden
+
+    def pool(self, hidden: torch.Tensor, context: Any) -> torch.Tensor:
+        return torch.flatten(self.model.avgpool(hidden), 1)
+
+    def head(self, hidden: torch.Tensor, context: Any) -> torch.Tensor:
+        return self.model.fc(self.pool(hidden, context))
+
+    def save(self, folder: Path, tokenizer: Any = None) -> None:
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        save_file(state, str(folder / "model.safetensors"))
+        config = {"arch": self.arch, "num_classes": self.model.fc.out_features, "format": "torchvision"}
+        (folder / "config.json").write_text(json.dumps(config, indent=1))
+
+
+# --------------------------------------------------------------------------- specs
+
+
+@dataclass
+class TextClassifier:
+    """A BERT-family encoder from the Hugging Face hub or a local folder, with a new head."""
+
+    path: str = "bert-base-uncased"  # a hub name or a local model folder (config.json, weights)
+
+    kind = "text"
+
+    def check(self) -> list[str]:
+        return []
+
+    def identity(self) -> str:
+        return _folder_identity(self.path)
+
+    def num_blocks(self, cache_dir: Path) -> int:
+        """Blocks of the model, read from its config alone (no weights are loaded)."""
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(self.path)
+        except (OSError, ValueError) as exc:
+            raise _load_error(self.path, exc) from None
+        return int(config.num_hidden_layers)
+
+    def tokenizer(self, cache_dir: Path) -> Any:
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.path)
+        except (OSError, ValueError) as exc:
+            raise _load_error(self.path, exc) from None
+
+    def build(self, num_labels: int, cache_dir: Path, dropout: float | None = None) -> TextAdapter:
+        from transformers import AutoModelForSequenceClassification
+
+        config, state = _pretrained_text_weights(self.path)
+        config = copy.deepcopy(config)
+        config.num_labels = num_labels
+        config.problem_type = "single_label_classification"
+        if dropout is not None:
+            config.hidden_dropout_prob = dropout
+            config.attention_probs_dropout_prob = dropout
+        model = AutoModelForSequenceClassification.from_config(config)
+        missing, _ = model.base_model.load_state_dict(state, strict=False)
+        if any(not k.startswith("pooler.") for k in missing):
+            raise SweepError(f"the weights in {self.path!r} do not fit its config: missing {missing[:3]}")
+        return TextAdapter(model)
+
+    def pretrained_lm_head(self, cache_dir: Path) -> nn.Module:
+        """The frozen masked-LM head of the checkpoint, for ``pretrain_loss='mlm'``."""
+        return _masked_lm_head(self.path)
+
+    def has_lm_head(self, cache_dir: Path) -> bool:
+        return _checkpoint_has_lm_head(self.path)
+
+
+@dataclass
+class TinyTextClassifier:
+    """A small random BERT (with a masked-LM head) built on the spot and saved once.
+
+    It stands in for a pretrained encoder where nothing may be downloaded: the quickstart,
+    tests and CPU benchmarks. Its vocabulary is that of :class:`~sweeper.finetune.data.SyntheticText`.
+    """
+
+    layers: int = 2  # transformer blocks, 1..12
+    hidden: int = 64  # width, a multiple of heads
+    heads: int = 2  # attention heads
+    seed: int = 0  # weight initialisation: the same seed gives the same "pretrained" model
+
+    kind = "text"
+
+    def check(self) -> list[str]:
+        problems = []
+        if not 1 <= self.layers <= 12:
+            problems.append(f"`model.layers` is {self.layers}: use 1..12")
+        if self.heads < 1 or self.hidden % self.heads:
+            problems.append(
+                f"`model.hidden` is {self.hidden} and `model.heads` {self.heads}: the width must "
+                "be a multiple of the head count"
+            )
+        return problems
+
+    @property
+    def path(self) -> str:
+        return f"tiny-bert-l{self.layers}-h{self.hidden}-a{self.heads}-s{self.seed}"
+
+    def identity(self) -> str:
+        return self.path
+
+    def materialise(self, cache_dir: Path) -> Path:
+        """Write the model folder into ``cache_dir`` (once; later calls reuse it)."""
+        from sweeper.finetune.data import _file_lock, synthetic_vocabulary
+
+        folder = Path(cache_dir) / self.path
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(folder.with_suffix(".lock")):
+            if not (folder / "config.json").exists():
+                from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+                quiet_transformers()
+                folder.mkdir(parents=True, exist_ok=True)
+                tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *synthetic_vocabulary()]
+                tokenizer = BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True)
+                config = BertConfig(
+                    vocab_size=len(tokenizer), hidden_size=self.hidden, num_hidden_layers=self.layers,
+                    num_attention_heads=self.heads, intermediate_size=self.hidden * 4,
+                    max_position_embeddings=128,
+                )
+                generator_state = torch.random.get_rng_state()
+                torch.manual_seed(self.seed)
+                model = BertForMaskedLM(config)
+                torch.random.set_rng_state(generator_state)
+                model.save_pretrained(folder, safe_serialization=True)
+                tokenizer.save_pretrained(folder)
+        return folder
+
+    def num_blocks(self, cache_dir: Path) -> int:
+        return self.layers
+
+    def _as_text(self, cache_dir: Path) -> TextClassifier:
+        return TextClassifier(str(self.materialise(cache_dir)))
+
+    def tokenizer(self, cache_dir: Path) -> Any:
+        return self._as_text(cache_dir).tokenizer(cache_dir)
+
+    def build(self, num_labels: int, cache_dir: Path, dropout: float | None = None) -> TextAdapter:
+        return self._as_text(cache_dir).build(num_labels, cache_dir, dropout)
+
+    def pretrained_lm_head(self, cache_dir: Path) -> nn.Module:
+        return self._as_text(cache_dir).pretrained_lm_head(cache_dir)
+
+    def has_lm_head(self, cache_dir: Path) -> bool:
+        return True
+
+
+@dataclass
+class ImageClassifier:
+    """A torchvision ResNet with a new final layer."""
+
+    arch: str = "resnet18"  # resnet18, resnet34, resnet50, resnet101, resnet152
+    weights: str = "DEFAULT"  # torchvision weights name, a local .safetensors file, or "none"
+
+    kind = "image"
+
+    def check(self) -> list[str]:
+        if self.arch not in RESNETS:
+            return [f"`model.arch` is {self.arch!r}: use one of {', '.join(RESNETS)}"]
+        return []
+
+    @property
+    def path(self) -> str:
+        return f"{self.arch}:{self.weights}"
+
+    def identity(self) -> str:
+        return self.path
+
+    def num_blocks(self, cache_dir: Path) -> int:
+        return RESNET_BLOCKS[self.arch]
+
+    def tokenizer(self, cache_dir: Path) -> Any:
+        return None
+
+    def build(self, num_labels: int, cache_dir: Path, dropout: float | None = None) -> ResNetAdapter:
+        model = _load_resnet(self.arch, self.weights)
+        model.fc = nn.Linear(model.fc.in_features, num_labels)
+        return ResNetAdapter(model, self.arch)
+
+    def has_lm_head(self, cache_dir: Path) -> bool:
+        return False
+
+
+ModelSpec = TextClassifier | TinyTextClassifier | ImageClassifier
+# Residual blocks per torchvision ResNet: the sum of its four stages' block counts.
+RESNET_BLOCKS = {"resnet18": 8, "resnet34": 16, "resnet50": 16, "resnet101": 33, "resnet152": 50}
+RESNETS = tuple(RESNET_BLOCKS)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def quiet_transformers() -> None:
+    """Hide transformers' load reports and progress bars: a new head's "newly initialised"
+    weights are expected here, and every worker would print them for every trial."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+# One worker runs many trials of the same model: keep the pretrained weights in memory and
+# copy them per trial instead of reading (and for a hub model, resolving) them every time.
+_TEXT_WEIGHTS: dict[str, tuple[Any, dict[str, torch.Tensor]]] = {}
+
+
+def _pretrained_text_weights(path: str) -> tuple[Any, dict[str, torch.Tensor]]:
+    if path not in _TEXT_WEIGHTS:
+        from transformers import AutoModel
+
+        quiet_transformers()
+        try:
+            base = AutoModel.from_pretrained(path, dtype=torch.float32)
+        except (OSError, ValueError) as exc:
+            raise _load_error(path, exc) from None
+        _TEXT_WEIGHTS[path] = (base.config, {k: v.detach().clone() for k, v in base.state_dict().items()})
+    return _TEXT_WEIGHTS[path]
+
+
+def _load_error(path: str, exc: Exception) -> SweepError:
+    where = "folder" if os.path.isdir(path) else "hub name"
+    reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    return SweepError(
+        f"could not load the model {path!r} ({where}: {reason}): without a network, point "
+        "`model` at a local folder, e.g. --set model=../shared/models/minilm-l6-h384"
+    )
+
+
+def _folder_identity(path: str) -> str:
+    """A name for cache keys: the path plus the sizes and times of its files."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return path
+    parts = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(folder.iterdir()) if p.is_file()]
+    return path + "#" + hashlib.sha256(";".join(parts).encode()).hexdigest()[:16]
+
+
+def _checkpoint_has_lm_head(path: str) -> bool:
+    from safetensors import safe_open
+
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            if any(k.startswith(("cls.predictions", "lm_head", "generator_lm_head")) for k in handle.keys()):
+                return True
+    return False
+
+
+def _masked_lm_head(path: str) -> nn.Module:
+    from transformers import AutoModelForMaskedLM
+
+    quiet_transformers()
+    if not _checkpoint_has_lm_head(path):
+        raise SweepError(
+            f"pretrain_loss='mlm' needs a checkpoint with a masked-LM head, and {path!r} has none: "
+            "use pretrain_loss=distill or l2sp, or a model saved with its MLM head"
+        )
+    lm = AutoModelForMaskedLM.from_pretrained(path, dtype=torch.float32)
+    head = getattr(lm, "cls", None) or getattr(lm, "lm_head", None)
+    if head is None:
+        raise SweepError(f"cannot find the masked-LM head of {type(lm).__name__}")
+    head.eval()
+    for p in head.parameters():
+        p.requires_grad_(False)
+    return head
+
+
+def _load_resnet(arch: str, weights: str) -> nn.Module:
+    try:
+        import torchvision  # optional: pip install 'sweeper[vision]'
+    except ImportError:
+        raise SweepError("ResNet models need torchvision: pip install 'sweeper[vision]'") from None
+    factory = getattr(torchvision.models, arch)
+    if weights.lower() == "none":
+        return factory(weights=None)
+    if weights.endswith(".safetensors") or os.path.sep in weights:
+        from safetensors.torch import load_file
+
+        if not os.path.isfile(weights):
+            raise SweepError(f"`model.weights` is {weights!r}, which does not exist")
+        model = factory(weights=None)
+        state = load_file(weights)
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        model.load_state_dict(state, strict=False)
+        return model
+    try:
+        return factory(weights=weights)
+    except Exception as exc:  # torchvision raises URLError, RuntimeError, ValueError ...
+        raise SweepError(
+            f"could not load torchvision's {arch} weights {weights!r} ({type(exc).__name__}): "
+            "without a network, save them once as .safetensors and set model.weights to that "
+            "file, or model.weights=none for random weights"
+        ) from None
+
+
+def from_checkpoint(folder: Path) -> ModelAdapter:
+    """The adapter of a saved trial checkpoint (``TextAdapter.save`` / ``ResNetAdapter.save``).
+
+    Only safetensors weights and JSON configs are read: no code from the checkpoint runs.
+    """
+    config = json.loads((Path(folder) / "config.json").read_text())
+    if config.get("format") == "torchvision":
+        from safetensors.torch import load_file
+
+        model = _load_resnet(config["arch"], "none")
+        model.fc = nn.Linear(model.fc.in_features, int(config["num_classes"]))
+        model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
+        return ResNetAdapter(model, config["arch"])
+    from transformers import AutoModelForSequenceClassification
+
+    quiet_transformers()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(folder), dtype=torch.float32, trust_remote_code=False, use_safetensors=True
+    )
+    return TextAdapter(model)

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sweeper.finetune.data import SyntheticText, prepare
+from sweeper.finetune.loop import Hooks, Hyper, LoopSettings, NonFiniteLoss, Preempted, TrainState, train
+from sweeper.finetune.models import TinyTextClassifier
+
+SPEC = TinyTextClassifier(layers=2, hidden=32, heads=2)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):  # type: ignore[no-untyped-def]
+    folder = tmp_path_factory.mktemp("loopdata")
+    return prepare(SyntheticText(n_train=600, n_test=100), folder, 0, SPEC.tokenizer(folder), SPEC.identity())
+
+
+def _settings(**kw) -> LoopSettings:  # type: ignore[no-untyped-def]
+    base = dict(epochs=2, metric="accuracy", direction="maximize", device=torch.device("cpu"), seed=7,
+                evals_per_epoch=2, pretrain_loss="l2sp")
+    return LoopSettings(**{**base, **kw})
+
+
+def _model(model_cache: Path):  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    return SPEC.build(2, model_cache)
+
+
+def test_training_learns_the_task(data, model_cache: Path) -> None:  # type: ignore[no-untyped-def]
+    result = train(_model(model_cache), data, Hyper(learning_rate=3e-3, batch_size=16), _settings(epochs=3))
+    assert len(result.history) == 6
+    assert result.best_value > 0.65  # the majority class is about 0.53
+    assert result.best_value == max(v for _, v in result.history)
+    assert result.steps == 3 * 30
+
+
+class _StopAfter(Hooks):
+    def __init__(self, evaluations: int) -> None:
+        self.evaluations, self.seen, self.state = evaluations, 0, None
+
+    def evaluated(self, evaluation, value, all_metrics, improved, snapshot) -> None:  # type: ignore[no-untyped-def]
+        self.seen = evaluation
+
+    def should_stop(self) -> bool:
+        return self.seen >= self.evaluations
+
+    def stopped(self, state: TrainState) -> None:
+        self.state = state
+
+
+def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(data, model_cache: Path) -> None:  # type: ignore[no-untyped-def]
+    hyper = Hyper(learning_rate=2e-3, batch_size=16, unfreeze_depth=1, pretrain_loss_weight=0.5)
+    whole = _model(model_cache)
+    full = train(whole, data, hyper, _settings())
+    first = _model(model_cache)
+    hooks = _StopAfter(2)
+    with pytest.raises(Preempted):
+        train(first, data, hyper, _settings(), hooks)
+    assert hooks.state is not None and hooks.state.step == 30
+    second = _model(model_cache)
+    resumed = train(second, data, hyper, _settings(), resume=hooks.state)
+    assert resumed.resumed_from_step == 30
+    assert resumed.history == full.history
+    for (name, a), (_, b) in zip(whole.named_parameters(), second.named_parameters()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_lambda_zero_trains_exactly_like_no_pretrain_loss(data, model_cache: Path) -> None:  # type: ignore[no-untyped-def]
+    hyper = Hyper(learning_rate=2e-3, batch_size=32, unfreeze_depth=2, pretrain_loss_weight=0.0)
+    a, b = _model(model_cache), _model(model_cache)
+    train(a, data, hyper, _settings(epochs=1, pretrain_loss="distill"))
+    train(b, data, hyper, _settings(epochs=1, pretrain_loss="none"))
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_only_trainable_parameters_change(data, model_cache: Path) -> None:  # type: ignore[no-untyped-def]
+    adapter = _model(model_cache)
+    before = {n: p.detach().clone() for n, p in adapter.named_parameters()}
+    train(adapter, data, Hyper(learning_rate=1e-3, batch_size=32, unfreeze_depth=1, weight_decay=0.1),
+          _settings(epochs=1, pretrain_loss="distill"))
+    changed = {n for n, p in adapter.named_parameters() if not torch.equal(p, before[n])}
+    assert any(".layer.1." in n for n in changed)
+    assert not any(".layer.0." in n or "embeddings" in n for n in changed)
+    assert any("classifier" in n for n in changed)
+
+
+def test_a_diverging_trial_stops_with_the_reason(data, model_cache: Path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(NonFiniteLoss, match=r"the loss became (nan|inf).*learning_rate"):
+        train(_model(model_cache), data, Hyper(learning_rate=1e12, batch_size=32, max_grad_norm=0.0),
+              _settings(epochs=2))
+
+
+def test_a_deferred_check_reports_the_step_that_diverged(data, model_cache: Path) -> None:  # type: ignore[no-untyped-def]
+    # The loss is checked every `check_every_steps` steps, not after each (no per-step wait for
+    # the GPU); the error still names the first step whose loss was not finite.
+    hyper = Hyper(learning_rate=1e12, batch_size=32, max_grad_norm=0.0)
+    messages = []
+    for every in (1, 16):
+        with pytest.raises(NonFiniteLoss) as caught:
+            train(_model(model_cache), data, hyper, _settings(epochs=2, check_every_steps=every))
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1]
+
+
+def test_prefetching_batches_on_a_thread_changes_nothing(data, model_cache: Path) -> None:  # type: ignore[no-untyped-def]
+    hyper = Hyper(learning_rate=2e-3, batch_size=16, unfreeze_depth=1, pretrain_loss_weight=0.5)
+    a, b = _model(model_cache), _model(model_cache)
+    first = train(a, data, hyper, _settings(epochs=1, prefetch=False, cache_prefix=False))
+    second = train(b, data, hyper, _settings(epochs=1, prefetch=True, cache_prefix=False))
+    assert first.history == second.history
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)

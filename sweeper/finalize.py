@@ -1,0 +1,90 @@
+"""The end of a sweep: keep-top-k, and the held-out test figure of the best trial.
+
+Honest selection: trials are compared on the validation split carved out of the training
+data; the data set's own held-out split is evaluated here, once, for the best trial only.
+The figure is recorded on the study (user attributes ``test:<trial>`` and ``best_test``),
+since a finished trial cannot be changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from sweeper import checkpoints
+from sweeper.errors import SweepError
+from sweeper.storage import open_storage, retrying
+from sweeper.study import Sweep
+
+logger = logging.getLogger(__name__)
+
+STUDY_BEST_TEST = "best_test"
+
+
+def test_key(trial_number: int) -> str:
+    return f"test:{trial_number}"
+
+
+def evaluate_on_test(sweep: Sweep, store: Any, trial: optuna.trial.FrozenTrial,
+                     device: torch.device | None = None) -> dict[str, float]:
+    """Every metric of ``trial``'s checkpoint on the held-out test split."""
+    with tempfile.TemporaryDirectory(prefix="sweeper-best-") as tmp:
+        folder = checkpoints.download_model(store, trial, Path(tmp))
+        return evaluate_folder(sweep, folder, device)
+
+
+def evaluate_folder(sweep: Sweep, folder: Path, device: torch.device | None = None) -> dict[str, float]:
+    """Every metric of the checkpoint in ``folder`` on the study's held-out test split."""
+    from sweeper.finetune.data import prepare
+    from sweeper.finetune.loop import evaluate
+    from sweeper.finetune.models import from_checkpoint
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = sweep.model.tokenizer(sweep.cache_dir)
+    data = prepare(sweep.data, sweep.cache_dir, sweep.seed, tokenizer, sweep.model.identity())
+    adapter = from_checkpoint(folder).to(device)
+    return evaluate(adapter, data.test, device, sweep.bf16, data.num_labels)
+
+
+def record_test(study: optuna.Study, trial_number: int, scores: dict[str, float], metric: str) -> None:
+    """Record the test figure of ``trial_number``; it becomes the study's ``best_test`` only
+    when that trial is the study's best (``sweeper best --trial N`` may score another)."""
+    retrying(lambda: study.set_user_attr(test_key(trial_number), scores), what="recording the test figure")
+    trials = retrying(lambda: study.get_trials(deepcopy=False), what="reading trials")
+    ranked = checkpoints.ranked(trials, study.direction.name.lower())
+    if not ranked or ranked[0].number != trial_number:
+        return
+    retrying(lambda: study.set_user_attr(STUDY_BEST_TEST, {"trial": trial_number, "metric": metric,
+                                                           "value": scores[metric], "all": scores}),
+             what="recording the test figure")
+
+
+def finish(sweep: Sweep, url: str, say: Callable[[str], None] = logger.info) -> None:
+    storage = open_storage(url, heartbeat_interval=None, grace_period=None, create_tables=False)
+    study = optuna.load_study(study_name=sweep.name, storage=storage)
+    store = checkpoints.open_store(checkpoints.location_of(sweep, study), sweep.output_path)
+    checkpoints.keep_top_k(study, store, sweep.keep)
+    checkpoints.remove_stale_resumes(study, store)
+    ranked = checkpoints.ranked(study.get_trials(deepcopy=False), sweep.direction)
+    if not ranked:
+        say("no trial completed, so there is no best trial: see `sweeper status` for the reasons")
+        return
+    best = ranked[0]
+    scores = study.user_attrs.get(test_key(best.number))
+    if scores is None:
+        try:
+            scores = evaluate_on_test(sweep, store, best)
+        except SweepError as exc:
+            say(f"could not evaluate the best trial on the test split: {exc}")
+            return
+        record_test(study, best.number, scores, sweep.metric)
+    say(f"best trial {best.number}: validation {sweep.metric} {best.value:.4f}, "
+        f"held-out test {sweep.metric} {scores[sweep.metric]:.4f}; params {best.params}")
+    if hasattr(storage, "engine"):  # a grpc:// storage (sweeper proxy) has no pool to give back
+        storage.engine.dispose()

@@ -1,0 +1,271 @@
+"""One trial: from an Optuna trial to a fine-tuning run and back.
+
+The objective samples the space, builds the model with the pretrained weights, trains it
+(continuing from the resume state of the trial it replaces, if it is a retry), reports every
+evaluation to Optuna (which may prune it), saves the checkpoint of its best evaluation, and
+records what the dashboard, ``sweeper status`` and the report need as user attributes:
+
+    worker, host, device, devices      who ran it, and on what
+    config                             the resolved study configuration and hyperparameters
+    progress                           {"evaluation": k, "of": n}, updated as it runs
+    val_<metric>                       every validation metric at the best evaluation
+    best_evaluation                    which evaluation the value and checkpoint come from
+    train_seconds, eval_seconds, samples_per_second, gpu_seconds
+    resumed_from_step, lineage         for a retry: where it continued, and the trials before it
+    fail_reason                        one line, for a failed trial
+    checkpoint                         files, SHA-256 sums (see checkpoints.py)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial
+
+from sweeper import __version__, budget, checkpoints
+from sweeper import space as space_mod
+from sweeper.errors import SweepError
+from sweeper.finetune import freeze
+from sweeper.finetune.data import PreparedData, prepare
+from sweeper.finetune.loop import Hooks, Hyper, LoopSettings, NonFiniteLoss, Preempted, TrainState, train
+from sweeper.storage import retrying
+from sweeper.study import Sweep
+from sweeper.worker import Outcome, WorkerInfo
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_data(sweep: Sweep) -> tuple[PreparedData, Any]:
+    """The study's splits (tokenised once per machine, then read from the cache) and the
+    tokenizer they were made with."""
+    tokenizer = sweep.model.tokenizer(sweep.cache_dir)
+    return prepare(sweep.data, sweep.cache_dir, sweep.seed, tokenizer, sweep.model.identity()), tokenizer
+
+
+def trial_seed(study_seed: int, trial_number: int) -> int:
+    """The seed of a trial, from the first trial of its retry lineage (a retry reuses it)."""
+    digest = hashlib.sha256(f"{study_seed}:{trial_number}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def lineage(trial: optuna.Trial | FrozenTrial) -> list[int]:
+    """Numbers of the trials this one retries, oldest first (empty for a first attempt)."""
+    if isinstance(trial, FrozenTrial):
+        attrs = trial.system_attrs
+    else:  # a live Trial no longer exposes system attributes in Optuna 5: ask its storage
+        attrs = trial.study._storage.get_trial_system_attrs(trial._trial_id)
+    return [int(n) for n in attrs.get("retry_history", [])]
+
+
+class Objective:
+    """Runs trials of one sweep in one worker process (keeps data and weights in memory)."""
+
+    def __init__(self, sweep: Sweep, study: optuna.Study, worker: WorkerInfo, store: Any,
+                 stop: threading.Event | None = None) -> None:
+        self.sweep = sweep
+        self.study = study
+        self.worker = worker
+        self.store = store
+        self.stop = stop or threading.Event()
+        self.device = torch.device(worker.device)
+        self._data: PreparedData | None = None
+        self._tokenizer: Any = None
+
+    # ------------------------------------------------------------------ shared state
+
+    def data(self) -> PreparedData:
+        if self._data is None:
+            self._data, self._tokenizer = prepare_data(self.sweep)
+        return self._data
+
+    # ------------------------------------------------------------------ one trial
+
+    def run(self, trial: optuna.Trial) -> Outcome:
+        started = time.time()
+        set_attr = lambda key, value: retrying(lambda: trial.set_user_attr(key, value), what=f"recording {key}")  # noqa: E731
+        set_attr("worker", self.worker.index)
+        set_attr("device", self.worker.device if self.worker.physical_gpu is None
+                 else f"cuda (GPU {self.worker.physical_gpu})")
+        set_attr("devices", 1)
+        try:
+            value, result_attrs = self._train(trial, set_attr)
+        except optuna.TrialPruned as exc:
+            self._finish(trial, set_attr, started)
+            return Outcome(optuna.trial.TrialState.PRUNED, reason=str(exc) or None)
+        except Preempted as exc:
+            return Outcome(optuna.trial.TrialState.FAIL, reason=f"preempted: {exc}", preempted=True)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Another process failed this trial (its heartbeat looked stale, e.g. while the
+            # database was down longer than the grace period) and queued its retry: stop here.
+            logger.warning("trial %d was failed by another process; dropping it", trial.number)
+            return Outcome(optuna.trial.TrialState.FAIL, reason="failed by another process (stale heartbeat)")
+        except (SweepError, torch.cuda.OutOfMemoryError, MemoryError) as exc:
+            reason = _one_line(exc, trial)
+            self._finish(trial, set_attr, started, reason=reason)
+            return Outcome(optuna.trial.TrialState.FAIL, reason=reason)
+        except Exception as exc:  # a bug or an unexpected library error: fail this trial only
+            logger.exception("trial %d raised", trial.number)
+            reason = _one_line(exc, trial)
+            self._finish(trial, set_attr, started, reason=reason)
+            return Outcome(optuna.trial.TrialState.FAIL, reason=reason)
+        for key, val in result_attrs.items():
+            set_attr(key, val)
+        self._finish(trial, set_attr, started)
+        return Outcome(optuna.trial.TrialState.COMPLETE, value=value)
+
+    def _finish(self, trial: optuna.Trial, set_attr: Any, started: float, reason: str | None = None) -> None:
+        set_attr(budget.USER_GPU_SECONDS, round(time.time() - started, 3))
+        if reason:
+            set_attr("fail_reason", reason)
+        checkpoints.remove_resume(self.store, trial)
+        for earlier in self._lineage_trials(trial):  # the states this retry continued from
+            checkpoints.remove_resume(self.store, earlier)
+        # Keep-top-k as the sweep runs, not only at its end, so a long sweep cannot fill the
+        # disk. This trial is ranked by the next clean-up, once it is told COMPLETE.
+        checkpoints.tidy(self.study, self.store, self.sweep.keep)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _train(self, trial: optuna.Trial, set_attr: Any) -> tuple[float, dict[str, Any]]:
+        sweep = self.sweep
+        # Suggesting is idempotent (a suggested value is read back), so a storage blip is retried.
+        params = retrying(lambda: space_mod.sample(sweep.space, trial), what="sampling the trial")
+        hyper = Hyper(**params)
+        data = self.data()
+        history = lineage(trial)
+        seed = trial_seed(sweep.seed, history[0] if history else trial.number)
+        torch.manual_seed(seed)  # the new head's initial weights
+        adapter = sweep.model.build(data.num_labels, sweep.cache_dir, hyper.dropout)
+        depth = adapter.num_blocks if hyper.unfreeze_depth is None else hyper.unfreeze_depth
+        freeze.check_depth(depth, adapter.num_blocks)
+        problems = hyper.check(adapter.num_blocks)
+        if problems:
+            raise SweepError("; ".join(problems))
+        set_attr("config", {"study": sweep.to_dict(), "hyperparameters": vars(hyper),
+                            "blocks": adapter.num_blocks, "seed": seed, "sweeper": __version__})
+        if history:
+            set_attr("lineage", history)
+        resume = self._resume_state(history)
+        if resume is not None:
+            set_attr("resumed_from_step", resume.step)
+        lm_head = sweep.model.pretrained_lm_head(sweep.cache_dir) if sweep.pretrain_loss == "mlm" else None
+        settings = LoopSettings(
+            epochs=sweep.epochs, metric=sweep.metric, direction=sweep.direction, device=self.device,
+            seed=seed, pretrain_loss=sweep.pretrain_loss, evals_per_epoch=sweep.evals_per_epoch,
+            eval_every_steps=sweep.eval_every_steps, bf16=sweep.bf16,
+        )
+        hooks = _TrialHooks(self, trial, set_attr, sweep.max_evaluations)
+        if resume is not None:
+            hooks.replay(resume)
+        result = train(adapter, data, hyper, settings, hooks, resume, lm_head=lm_head,
+                       tokenizer=self._tokenizer)
+        _load_into(adapter, result.best_model)
+        record = {
+            "trial": trial.number, "params": params, "value": result.best_value,
+            "metric": sweep.metric, "direction": sweep.direction,
+            "best_evaluation": result.best_evaluation,
+            "validation": result.best_metrics, "study": sweep.to_dict(), "sweeper": __version__,
+            "model_kind": adapter.kind, "num_labels": data.num_labels, "label_names": data.label_names,
+        }
+        # A full or unwritable store raises a StoreError that says so: it fails this trial only.
+        info = checkpoints.save_model(self.store, trial, adapter, self._tokenizer, record)
+        info.update(evaluation=result.best_evaluation, value=result.best_value)
+        attrs: dict[str, Any] = {f"val_{k}": v for k, v in result.best_metrics.items()}
+        attrs.update(
+            best_evaluation=result.best_evaluation,
+            train_seconds=round(result.train_seconds, 3),
+            eval_seconds=round(result.eval_seconds, 3),
+            samples_per_second=round(result.samples_per_second, 1),
+            steps=result.steps,
+            checkpoint=info,
+        )
+        logger.info("trial %d finished: %s %.4f at evaluation %d (%.0f samples/s)", trial.number,
+                    sweep.metric, result.best_value, result.best_evaluation, result.samples_per_second)
+        return result.best_value, attrs
+
+    def _lineage_trials(self, trial: optuna.Trial) -> list[FrozenTrial]:
+        history = set(lineage(trial))
+        if not history:
+            return []
+        trials = retrying(lambda: self.study.get_trials(deepcopy=False), what="reading trials")
+        return [t for t in trials if t.number in history]
+
+    def _resume_state(self, history: list[int]) -> TrainState | None:
+        """The resume state of the latest trial in this retry's lineage that saved one."""
+        if not history:
+            return None
+        by_number = {t.number: t for t in retrying(lambda: self.study.get_trials(deepcopy=False), what="reading trials")}
+        for number in reversed(history):
+            earlier = by_number.get(number)
+            info = earlier.user_attrs.get(checkpoints.USER_RESUME) if earlier else None
+            if info:
+                try:
+                    state = checkpoints.load_resume(self.store, info["id"])
+                except Exception as exc:
+                    logger.warning("resume state of trial %d unreadable (%s); starting over", number, exc)
+                    return None
+                logger.info("trial continues trial %d from step %d", number, state.step)
+                return state
+        return None
+
+
+class _TrialHooks(Hooks):
+    """Reports to Optuna, prunes, keeps the resume state, and stops on preemption."""
+
+    def __init__(self, objective: Objective, trial: optuna.Trial, set_attr: Any, planned: int) -> None:
+        self.objective, self.trial, self.set_attr, self.planned = objective, trial, set_attr, planned
+
+    def replay(self, state: TrainState) -> None:
+        """Report the evaluations of the trial being continued, so its curve is complete."""
+        for evaluation, value in state.history:
+            retrying(lambda: self.trial.report(value, evaluation), what="reporting")
+
+    def evaluated(self, evaluation: int, value: float, all_metrics: dict[str, float], improved: bool,
+                  snapshot: Any) -> None:
+        trial = self.trial
+        retrying(lambda: trial.report(value, evaluation), what="reporting")
+        self.set_attr("progress", {"evaluation": evaluation, "of": self.planned, "value": value})
+        logger.info("trial %d evaluation %d: %.4f", trial.number, evaluation, value)
+        if retrying(trial.should_prune, what="asking the pruner"):
+            raise optuna.TrialPruned(f"pruned at evaluation {evaluation} with {value:.4f}")
+        try:
+            checkpoints.save_resume(self.objective.store, trial, snapshot())
+        except checkpoints.StoreError as exc:  # a full disk must not kill the trial; it just loses its resume point
+            logger.warning("trial %d: cannot save its resume state (%s)", trial.number, exc)
+
+    def should_stop(self) -> bool:
+        return self.objective.stop.is_set()
+
+    def stopped(self, state: TrainState) -> None:
+        try:
+            checkpoints.save_resume(self.objective.store, self.trial, state)
+        except checkpoints.StoreError as exc:  # still hand it back: the retry starts earlier
+            logger.warning("trial %d: cannot save its resume state (%s)", self.trial.number, exc)
+
+
+def _load_into(adapter: Any, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(adapter.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+
+
+def _one_line(exc: BaseException, trial: optuna.Trial) -> str:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        batch = trial.params.get("batch_size")
+        return ("CUDA out of memory" + (f" at batch_size {batch}" if batch else "")
+                + ": lower batch_size or --workers-per-gpu")
+    # PyTorch's CPU allocator raises a RuntimeError, not MemoryError, when malloc fails.
+    if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):
+        return "out of host memory: lower batch_size or the number of workers"
+    if isinstance(exc, (SweepError, NonFiniteLoss)):
+        return str(exc)
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}"

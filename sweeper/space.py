@@ -1,0 +1,205 @@
+"""Search-space types and their mapping onto Optuna's ``trial.suggest_*``.
+
+A study declares its space as a ``dict`` of name -> distribution::
+
+    space = {
+        "learning_rate": LogFloat(1e-6, 1e-3),
+        "unfreeze_depth": Int(0, 12),
+        "dropout": Categorical([0.0, 0.1]),
+        "warmup_ratio": 0.06,             # a plain value is a constant, not searched
+    }
+
+From the command line a distribution can be narrowed or fixed without editing the study:
+``--set space.learning_rate=1e-5..1e-4`` keeps its type and changes its bounds,
+``--set space.learning_rate=3e-5`` fixes it, ``--set space.dropout=[0.0,0.2]`` makes it
+categorical.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from dataclasses import dataclass
+from typing import Any, Union
+
+import optuna
+
+
+@dataclass(frozen=True)
+class Float:
+    """A float drawn uniformly from ``[low, high]`` (optionally on a grid of ``step``)."""
+
+    low: float
+    high: float
+    step: float | None = None
+
+    def suggest(self, trial: optuna.Trial, name: str) -> float:
+        return trial.suggest_float(name, self.low, self.high, step=self.step)
+
+    def check(self, name: str) -> list[str]:
+        return _check_bounds(name, self.low, self.high)
+
+    def with_bounds(self, low: float, high: float) -> Float:
+        return Float(low, high, self.step)
+
+    def __str__(self) -> str:
+        return f"Float({self.low:g}, {self.high:g})"
+
+
+@dataclass(frozen=True)
+class LogFloat:
+    """A positive float drawn log-uniformly from ``[low, high]``: learning rates, decays, λ."""
+
+    low: float
+    high: float
+
+    def suggest(self, trial: optuna.Trial, name: str) -> float:
+        return trial.suggest_float(name, self.low, self.high, log=True)
+
+    def check(self, name: str) -> list[str]:
+        problems = _check_bounds(name, self.low, self.high)
+        if not problems and self.low <= 0:
+            problems.append(
+                f"`space.{name}` is LogFloat({self.low:g}, {self.high:g}), but a log scale needs "
+                "low > 0: use a positive lower bound, or Float for a range that includes 0"
+            )
+        return problems
+
+    def with_bounds(self, low: float, high: float) -> LogFloat:
+        return LogFloat(low, high)
+
+    def __str__(self) -> str:
+        return f"LogFloat({self.low:g}, {self.high:g})"
+
+
+@dataclass(frozen=True)
+class Int:
+    """An integer drawn from ``low..high`` inclusive: unfreeze depth, batch size exponents."""
+
+    low: int
+    high: int
+    step: int = 1
+    log: bool = False
+
+    def suggest(self, trial: optuna.Trial, name: str) -> int:
+        return trial.suggest_int(name, self.low, self.high, step=self.step, log=self.log)
+
+    def check(self, name: str) -> list[str]:
+        problems = _check_bounds(name, self.low, self.high)
+        if not problems and (int(self.low) != self.low or int(self.high) != self.high):
+            problems.append(f"`space.{name}` is Int({self.low}, {self.high}): bounds must be integers")
+        return problems
+
+    def with_bounds(self, low: float, high: float) -> Int:
+        return Int(int(low), int(high), self.step, self.log)
+
+    def __str__(self) -> str:
+        return f"Int({self.low}, {self.high})"
+
+
+@dataclass(frozen=True)
+class Categorical:
+    """One of a fixed list of choices (numbers, strings, booleans or None)."""
+
+    choices: tuple[Any, ...]
+
+    def __init__(self, choices: Any) -> None:
+        object.__setattr__(self, "choices", tuple(choices))
+
+    def suggest(self, trial: optuna.Trial, name: str) -> Any:
+        return trial.suggest_categorical(name, list(self.choices))
+
+    def check(self, name: str) -> list[str]:
+        if not self.choices:
+            return [f"`space.{name}` is Categorical([]): give at least one choice"]
+        bad = [c for c in self.choices if not isinstance(c, (bool, int, float, str, type(None)))]
+        if bad:
+            return [
+                f"`space.{name}` has the choice {bad[0]!r}, but Optuna stores only None, bool, "
+                "int, float and str choices"
+            ]
+        return []
+
+    def __str__(self) -> str:
+        return f"Categorical({list(self.choices)})"
+
+
+Distribution = Union[Float, LogFloat, Int, Categorical]
+# A constant is any plain value: it is passed to the trial unchanged and never searched.
+SpaceValue = Union[Distribution, bool, int, float, str, None]
+
+
+def _check_bounds(name: str, low: float, high: float) -> list[str]:
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (low, high)):
+        return [f"`space.{name}` has bounds ({low!r}, {high!r}): both must be finite numbers"]
+    if low > high:
+        return [f"`space.{name}` has low={low:g} above high={high:g}: swap them"]
+    return []
+
+
+def is_distribution(value: object) -> bool:
+    return isinstance(value, (Float, LogFloat, Int, Categorical))
+
+
+def sample(space: dict[str, SpaceValue], trial: optuna.Trial) -> dict[str, Any]:
+    """Draw every searched value of ``space`` through ``trial``; constants pass through."""
+    return {
+        name: dist.suggest(trial, name) if is_distribution(dist) else dist  # type: ignore[union-attr]
+        for name, dist in space.items()
+    }
+
+
+def check(space: dict[str, SpaceValue]) -> list[str]:
+    """Every problem of ``space``, as complete sentences, without stopping at the first."""
+    problems: list[str] = []
+    for name, dist in space.items():
+        if is_distribution(dist):
+            problems.extend(dist.check(name))  # type: ignore[union-attr]
+        elif not isinstance(dist, (bool, int, float, str, type(None))):
+            problems.append(
+                f"`space.{name}` is {dist!r}: use Float, LogFloat, Int, Categorical or a plain value"
+            )
+    return problems
+
+
+def parse_override(current: SpaceValue | None, text: str) -> SpaceValue:
+    """Turn the text of ``--set space.NAME=TEXT`` into a new distribution or constant.
+
+    ``low..high`` keeps the current distribution type with new bounds (a new name gets a
+    Float, or a LogFloat when both bounds are positive and a decade or more apart);
+    ``[a, b, ...]`` makes a Categorical; anything else is a constant.
+    """
+    if ".." in text and not text.startswith(("[", "'", '"')):
+        low_text, high_text = text.split("..", 1)
+        low, high = _number(low_text), _number(high_text)
+        if isinstance(current, (Float, LogFloat, Int)):
+            return current.with_bounds(low, high)
+        if isinstance(low, int) and isinstance(high, int):
+            return Int(low, high)
+        if low > 0 and high / low >= 10:
+            return LogFloat(low, high)
+        return Float(low, high)
+    value = literal(text)
+    if isinstance(value, list):
+        return Categorical(value)
+    return value  # type: ignore[no-any-return]
+
+
+def _number(text: str) -> float:
+    value = literal(text.strip())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{text.strip()!r} is not a number")
+    return value
+
+
+def literal(text: str) -> Any:
+    """A Python literal if ``text`` is one (``3``, ``1e-4``, ``[1, 2]``, ``None``), else the text."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        lowered = text.lower()
+        if lowered in {"true", "false"}:
+            return lowered == "true"
+        if lowered in {"none", "null"}:
+            return None
+        return text

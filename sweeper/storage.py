@@ -1,0 +1,280 @@
+"""Where a sweep's trials live: URL resolution, engine settings, and errors a person can read.
+
+The URL comes from ``--storage``, else ``SWEEPER_STORAGE``, else the study's ``storage``,
+else an embedded SQLite file in the study's output folder. The same code serves all of them;
+only the engine settings differ:
+
+- SQLite (one machine): WAL journal, a generous busy timeout, and every transaction opened
+  with ``BEGIN IMMEDIATE``. Without that, pysqlite starts a transaction only at the first
+  write, so two workers can both read a trial as WAITING and both claim it, and a reader
+  that later writes fails with "database is locked" instead of waiting (Optuna #820).
+- PostgreSQL (shared): ``pool_pre_ping`` and ``pool_recycle`` so that connections dropped
+  during a long trial are replaced (Optuna #5600), small pools because each worker needs
+  about two connections (#1347), and TCP keepalives.
+
+A password never leaves this module unmasked: :func:`mask` is applied to every URL that is
+printed, logged or put in an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sqlite3
+import sys
+import time
+import warnings
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import optuna
+import sqlalchemy
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from sweeper.errors import SweepError
+
+logger = logging.getLogger(__name__)
+
+ENV_STORAGE = "SWEEPER_STORAGE"
+SQLITE_BUSY_TIMEOUT_S = 600.0  # a writer waits this long for the lock before failing
+HEARTBEAT_INTERVAL_S = 20  # a running trial's worker writes a heartbeat this often
+GRACE_PERIOD_S = 120  # a trial whose heartbeat is older than this is failed and retried
+GRPC_CONNECT_TIMEOUT_S = 60.0  # how long opening a grpc:// storage waits for `sweeper proxy`
+
+T = TypeVar("T")
+
+
+def default_sqlite_url(output_dir: Path) -> str:
+    return f"sqlite:///{(Path(output_dir) / 'study.db').resolve()}"
+
+
+def resolve_url(cli_value: str | None, study_value: str | None, output_dir: Path) -> str:
+    """The storage URL by precedence: ``--storage``, ``SWEEPER_STORAGE``, the study, SQLite."""
+    url = cli_value or os.environ.get(ENV_STORAGE) or study_value
+    if not url:
+        return default_sqlite_url(output_dir)
+    if "://" not in url:  # a bare path means an SQLite file
+        return f"sqlite:///{Path(url).expanduser().resolve()}"
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////") and ":memory:" not in url:
+        # Relative SQLite paths are resolved once, here, so every worker opens the same file.
+        return f"sqlite:///{Path(url[len('sqlite:///'):]).expanduser().resolve()}"
+    return url
+
+
+_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)(?P<user>[^:/@]*):(?P<password>[^@]*)@", re.I)
+
+
+def mask(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***``."""
+    return _PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def is_postgres(url: str) -> bool:
+    return url.startswith(("postgresql", "postgres"))
+
+
+class _ImmediateConnection(sqlite3.Connection):
+    """A pysqlite connection whose transactions sweeper begins itself."""
+
+
+# Engines whose transactions take the write lock at BEGIN. Only after Optuna has set up its
+# tables: its schema check nests a second connection inside a first one, which under
+# BEGIN IMMEDIATE would wait on itself. At run time Optuna uses one session per thread.
+_IMMEDIATE_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@event.listens_for(Engine, "begin")
+def _begin_transaction(connection: sqlalchemy.Connection) -> None:
+    driver = connection.connection.driver_connection
+    if isinstance(driver, _ImmediateConnection):
+        immediate = connection.engine in _IMMEDIATE_ENGINES
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _sqlite_creator(path: str) -> Callable[[], sqlite3.Connection]:
+    def connect() -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            path, timeout=SQLITE_BUSY_TIMEOUT_S, isolation_level=None,
+            check_same_thread=False, factory=_ImmediateConnection,
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")  # WAL keeps this durable across crashes of a process
+        return conn
+
+    return connect
+
+
+def engine_kwargs(url: str) -> dict[str, Any]:
+    if is_sqlite(url):
+        path = url.split("sqlite:///", 1)[1] if "sqlite:///" in url else ":memory:"
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return {"creator": _sqlite_creator(path)}
+    if is_postgres(url):
+        return {
+            "pool_pre_ping": True,  # replace connections the server or a firewall dropped
+            "pool_recycle": 300,
+            "pool_size": 2,
+            "max_overflow": 4,
+            "pool_timeout": 60,
+            "connect_args": {
+                "connect_timeout": 10,
+                "keepalives": 1,
+                "keepalives_idle": 30,
+                "keepalives_interval": 10,
+                "keepalives_count": 3,
+                "application_name": "sweeper",
+            },
+        }
+    return {"pool_pre_ping": True}
+
+
+def open_storage(
+    url: str,
+    *,
+    heartbeat_interval: int | None = HEARTBEAT_INTERVAL_S,
+    grace_period: int | None = GRACE_PERIOD_S,
+    stale_trial_callback: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+    create_tables: bool = True,
+) -> optuna.storages.BaseStorage:
+    """An Optuna storage for ``url``, or a :class:`SweepError` that says what is wrong.
+
+    Build it inside the process that uses it: pooled connections must not cross ``fork``.
+    """
+    if url.startswith("grpc://"):
+        return _open_grpc(url)
+    if not re.match(r"^[a-z][a-z0-9+]*://", url, re.I) and not url.startswith("sqlite"):
+        raise SweepError(f"the storage URL {mask(url)!r} is not a URL: use sqlite:///PATH or "
+                         "postgresql+psycopg2://USER:PASSWORD@HOST:5432/DB")
+    try:
+        storage = optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs(url),
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+            heartbeat_stale_trial_callback=stale_trial_callback,
+            skip_table_creation=not create_tables,
+        )
+    except Exception as exc:
+        raise explain(exc, url) from None
+    if is_sqlite(url):
+        storage.engine.pool.dispose()  # connections opened before this point begin deferred
+        _IMMEDIATE_ENGINES.add(storage.engine)
+    return storage
+
+
+def _open_grpc(url: str) -> optuna.storages.BaseStorage:
+    host, _, port = url[len("grpc://"):].rstrip("/").partition(":")
+    try:
+        from optuna.storages import GrpcStorageProxy
+    except ImportError:
+        raise SweepError("a grpc:// storage needs grpcio: pip install 'sweeper[proxy]'") from None
+    if port and not port.isdigit():
+        raise SweepError(f"the storage URL {url!r} has no port number: use grpc://HOST:13000")
+    try:
+        with warnings.catch_warnings():  # "experimental": sweeper relies on it knowingly
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            proxy = GrpcStorageProxy(host=host or "localhost", port=int(port or 13000))
+    except ImportError:
+        raise SweepError("a grpc:// storage needs grpcio: pip install 'sweeper[proxy]'") from None
+    try:
+        # The channel connects lazily: without this, a proxy that is not running shows up
+        # later as a storage call failing with UNAVAILABLE.
+        proxy.wait_server_ready(timeout=GRPC_CONNECT_TIMEOUT_S)
+    except ConnectionError:
+        raise SweepError(f"could not reach the storage proxy at {url} within {GRPC_CONNECT_TIMEOUT_S:g}s: "
+                         "start it with `sweeper proxy --storage DATABASE_URL` on that host") from None
+    return proxy
+
+
+def explain(exc: BaseException, url: str) -> SweepError:
+    """One line for a failure to open or use the storage at ``url``."""
+    shown = mask(url)
+    text = " ".join(str(exc).split())
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None:
+        text += " " + " ".join(str(cause).split())
+    lowered = text.lower()
+    if isinstance(exc, ImportError) or "no module named" in lowered:
+        return SweepError(f"the storage URL {shown} needs a database driver that is not installed: "
+                          "pip install 'sweeper[postgres]' for PostgreSQL")
+    if isinstance(exc, (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError)) or "could not parse" in lowered:
+        return SweepError(f"the storage URL {shown} is not one SQLAlchemy understands: use "
+                          "sqlite:///PATH or postgresql+psycopg2://USER:PASSWORD@HOST:5432/DB")
+    if "password authentication failed" in lowered or "authentication failed" in lowered:
+        return SweepError(f"the database at {shown} refused the user name or password: check the "
+                          f"credentials in --storage or {ENV_STORAGE}")
+    if "does not exist" in lowered and "database" in lowered:
+        return SweepError(f"the database named in {shown} does not exist: create it first "
+                          "(createdb NAME) or fix the URL")
+    if any(s in lowered for s in ("could not translate host", "name or service not known",
+                                  "connection refused", "timeout expired", "could not connect",
+                                  "no route to host", "network is unreachable")):
+        return SweepError(f"cannot reach the database at {shown}: is the server running and the "
+                          "host and port right? (start it, or check --storage / SWEEPER_STORAGE)")
+    if "unable to open database file" in lowered or "readonly database" in lowered:
+        return SweepError(f"cannot open the SQLite file of {shown}: check that its folder exists "
+                          "and is writable")
+    if "disk" in lowered and "full" in lowered:
+        return SweepError(f"the disk holding {shown} is full: free space, then run the same "
+                          "command again (nothing finished is lost)")
+    return SweepError(f"the storage {shown} failed: {mask(text)[:300]}")
+
+
+# --------------------------------------------------------------------------- resilience
+
+_TRANSIENT = ("server closed the connection", "terminating connection", "connection refused",
+              "could not connect", "connection reset", "broken pipe", "ssl syscall",
+              "database is locked", "connection timed out", "the database system is",
+              "connection already closed", "cannot connect", "lost connection", "admin_shutdown",
+              "no connection to the server", "timeout expired", "connection to server")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for storage errors that a new connection fixes: a restarted or busy server."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            break
+        if isinstance(seen, sqlalchemy.exc.DBAPIError) and seen.connection_invalidated:
+            return True
+        # A grpc:// storage: `sweeper proxy` is down (UNAVAILABLE), or was stopping when the
+        # call reached it (CANCELLED: it refuses new calls while it finishes those in flight).
+        grpc = sys.modules.get("grpc")
+        if grpc is not None and isinstance(seen, grpc.Call) and seen.code() in (
+                grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            return True
+        if isinstance(seen, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+                             optuna.exceptions.StorageInternalError, sqlalchemy.exc.TimeoutError)):
+            if any(s in " ".join(str(seen).split()).lower() for s in _TRANSIENT):
+                return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def retrying(call: Callable[[], T], *, what: str, deadline_s: float = 300.0) -> T:
+    """``call()``, retried with backoff while the storage is briefly unreachable.
+
+    A PostgreSQL restart or ``pg_terminate_backend`` breaks the connections in the pool;
+    ``pool_pre_ping`` replaces them at the next checkout, but the call in flight fails:
+    running it again is safe for the idempotent calls sweeper routes through here.
+    """
+    start, delay = time.monotonic(), 0.5
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            if not is_transient(exc) or time.monotonic() - start > deadline_s:
+                raise
+            logger.warning("storage unavailable during %s (%s); retrying in %.1fs", what,
+                           mask(" ".join(str(exc).split()))[:160], delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)

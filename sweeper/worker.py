@@ -1,0 +1,269 @@
+"""One worker process: claims trials of the shared study and runs them until the budget is spent.
+
+The worker owns one trial at a time and nothing global. Its loop:
+
+1. fail stale trials (whose worker died) so their retries are queued, not only when some
+   other worker happens to start a trial (Optuna does it only then);
+2. stop if the sweep's deadline or GPU-hours are spent;
+3. claim a WAITING ticket (see ``budget.py``); if none is left but trials are still running
+   somewhere, wait: one of them may yet be handed back for a retry;
+4. run it with a heartbeat, and tell Optuna how it ended.
+
+On SIGTERM or SIGINT the running trial saves its resume state at the next step, is failed and
+re-queued as a retry with the same parameters (a *hand-back*), and the worker exits with
+code 3 within a bounded time. Optuna itself leaves such a trial RUNNING until its heartbeat
+goes stale.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from sweeper import budget, liveness
+from sweeper.storage import mask, open_storage, retrying
+
+if TYPE_CHECKING:
+    from sweeper.study import Sweep
+
+logger = logging.getLogger(__name__)
+# fail_stale_trials has been "experimental" since Optuna 2.9; sweeper relies on it knowingly.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+@dataclass
+class WorkerInfo:
+    index: int
+    host: str = field(default_factory=socket.gethostname)
+    device: str = "cpu"  # "cuda:0" style, as the worker sees it
+    physical_gpu: str | None = None  # the GPU's index on its host (CUDA_VISIBLE_DEVICES)
+
+
+@dataclass
+class Outcome:
+    """How a trial ended, as the worker tells Optuna."""
+
+    state: TrialState
+    value: float | None = None
+    reason: str | None = None  # for FAIL, one line
+    preempted: bool = False  # stopped on request: hand it back for a retry
+
+
+EXIT_DONE = 0
+EXIT_PREEMPTED = 3
+POLL_SECONDS = 2.0  # how often an idle worker looks for a retry to run
+
+
+def make_sampler(sweep: Sweep, seed: int) -> optuna.samplers.BaseSampler:
+    if sweep.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if sweep.sampler == "qmc":
+        # Every worker draws from the same scrambled sequence (same seed), offset by trial id.
+        return optuna.samplers.QMCSampler(seed=sweep.seed, scramble=True)
+    # Optuna 5 defaults TPE to constant_liar and multivariate, which suits parallel workers.
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, sweep.n_trials // 5)))
+
+
+def make_pruner(sweep: Sweep) -> optuna.pruners.BasePruner:
+    if sweep.pruner == "none":
+        return optuna.pruners.NopPruner()
+    # Explicit resources: "auto" can differ between processes (Optuna #1220).
+    max_resource = sweep.max_evaluations or "auto"
+    if sweep.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_resource, reduction_factor=3)
+    if sweep.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    return optuna.pruners.MedianPruner(n_startup_trials=min(5, max(1, sweep.n_trials // 4)), n_warmup_steps=0)
+
+
+def worker_seed(study_seed: int, worker_index: int, host_salt: str = "") -> int:
+    """Distinct per worker: identical sampler seeds make workers propose identical trials
+    (Optuna #4714)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{study_seed}:{worker_index}:{host_salt}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+class RetryCallback:
+    """Re-queues a trial cut off by a dead or preempted worker, at most ``max_retries`` times.
+
+    Like Optuna's ``RetryHeartbeatStaleTrialCallback`` (whose ``retried_trial_number`` and
+    ``retry_history`` work on our retries too), but it does not copy the failed trial's user
+    attributes: a retry starts with a clean record, and finds the resume state through its
+    ``retry_history``.
+    """
+
+    def __init__(self, max_retries: int) -> None:
+        self.max_retries = max_retries
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        history = [*trial.system_attrs.get("retry_history", []), trial.number]
+        if len(history) > self.max_retries:
+            logger.warning("trial %d was cut off %d times: not retrying it again", trial.number, len(history))
+            return
+        system_attrs = {k: v for k, v in trial.system_attrs.items() if not k.startswith("artifacts:")}
+        system_attrs.update(failed_trial=history[0], retry_history=history)
+        retrying(lambda: study.add_trial(optuna.create_trial(
+            state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+            system_attrs=system_attrs,
+        )), what="queueing a retry")
+        logger.info("trial %d re-queued for a retry", trial.number)
+
+
+def claim(study: optuna.Study) -> optuna.Trial | None:
+    """Atomically take a WAITING ticket (WAITING -> RUNNING); None if there is none."""
+    storage = study._storage
+    study._thread_local.cached_all_trials = None  # as Study.ask does: see every new trial
+    waiting = retrying(lambda: budget.waiting_trial_ids(study), what="listing tickets")
+    for trial_id in waiting:
+        try:
+            taken = retrying(lambda: storage.set_trial_state_values(trial_id, state=TrialState.RUNNING),
+                             what="claiming a trial")
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        if taken:
+            # One read of the study now, with the claimed trial in it: the storage's cache must
+            # know a trial before its parameters are set, and the sampler reuses this read
+            # (as it reuses the read of Study.ask) instead of making its own.
+            retrying(lambda: study._get_trials(deepcopy=False, use_cache=True), what="reading the study")
+            # Building the Trial reads the storage: a blip here must not strand a claimed trial.
+            return retrying(lambda: optuna.Trial(study, trial_id), what="opening the claimed trial")
+    return None
+
+
+def hand_back(study: optuna.Study, trial: optuna.Trial, callback: RetryCallback, reason: str) -> None:
+    """Fail ``trial`` now and queue its retry, instead of waiting for its heartbeat to go stale."""
+    retrying(lambda: trial.set_user_attr("fail_reason", reason), what="recording the reason")
+    retrying(lambda: study.tell(trial, state=TrialState.FAIL, skip_if_finished=True), what="handing back")
+    frozen = retrying(lambda: study._storage.get_trial(trial._trial_id), what="reading the trial")
+    callback(study, frozen)
+
+
+def run(
+    sweep: Sweep,
+    url: str,
+    info: WorkerInfo,
+    *,
+    host_salt: str = "",
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = None,
+) -> int:
+    """One worker process of ``sweep``: returns its exit code."""
+    from sweeper import checkpoints
+    from sweeper import storage as storage_mod
+    from sweeper.objective import Objective
+
+    retry = RetryCallback(sweep.max_retries)
+    storage = open_storage(
+        url,
+        heartbeat_interval=heartbeat_interval or storage_mod.HEARTBEAT_INTERVAL_S,
+        grace_period=grace_period or storage_mod.GRACE_PERIOD_S,
+        stale_trial_callback=retry,
+        create_tables=False,
+    )
+    budget.read_tickets_lightly(storage)  # every read of the study would reload the unclaimed tickets
+    study = retrying(lambda: optuna.load_study(
+        study_name=sweep.name, storage=storage,
+        sampler=make_sampler(sweep, worker_seed(sweep.seed, info.index, host_salt)),
+        pruner=make_pruner(sweep),
+    ), what="opening the study")
+    # The study's recorded store, so a machine that joins writes where the launcher said.
+    store = checkpoints.open_store(checkpoints.location_of(sweep, study), sweep.output_path)
+    stop = threading.Event()
+    _install_signal_handlers(stop)
+    objective = Objective(sweep, study, info, store, stop)
+    logger.info("worker %d on %s (%s) joined study %r at %s", info.index, info.host, info.device,
+                sweep.name, mask(url))
+    code = serve(study, objective.run, retry, stop,
+                 heartbeat_interval=heartbeat_interval or storage_mod.HEARTBEAT_INTERVAL_S,
+                 grace_period=grace_period or storage_mod.GRACE_PERIOD_S, name=f"worker {info.index}")
+    if hasattr(storage, "engine"):
+        storage.engine.dispose()  # give the connections back now, not when the process exits
+    return code
+
+
+def serve(
+    study: optuna.Study,
+    run_trial: Callable[[optuna.Trial], Outcome],
+    retry: RetryCallback,
+    stop: threading.Event,
+    *,
+    heartbeat_interval: float = 20,
+    grace_period: float = 120,
+    name: str = "worker",
+) -> int:
+    """Claim tickets of ``study`` and run them with ``run_trial`` until the budget is spent.
+
+    Independent of what a trial does: the fine-tuning objective and the benchmarks' trivial
+    objectives go through the same claiming, heartbeats, hand-backs and retries.
+    """
+    last_reap = 0.0
+    while not stop.is_set():
+        if time.monotonic() - last_reap > max(1.0, grace_period / 4):
+            last_reap = time.monotonic()
+            liveness.reap(study, grace_period, retry)
+        why = budget.out_of_time(study)
+        if why:
+            logger.info("%s stops: %s", name, why)
+            break
+        trial = claim(study)
+        if trial is None:
+            trials = retrying(lambda: study.get_trials(deepcopy=False), what="reading trials")
+            if not any(t.state == TrialState.RUNNING for t in trials):
+                logger.info("%s stops: every trial of the budget has run", name)
+                break
+            stop.wait(POLL_SECONDS)  # a running trial may still be handed back for a retry
+            continue
+        logger.info("%s starts trial %d", name, trial.number)
+        liveness.mark_owner(trial)
+        with liveness.Heartbeat(study._storage, trial._trial_id, heartbeat_interval):
+            outcome = run_trial(trial)
+        _tell(study, trial, outcome, retry)
+        if outcome.preempted:
+            return EXIT_PREEMPTED
+    return EXIT_PREEMPTED if stop.is_set() else EXIT_DONE
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, retry: RetryCallback) -> None:
+    if outcome.preempted:
+        hand_back(study, trial, retry, outcome.reason or "preempted")
+        logger.info("trial %d handed back for a retry", trial.number)
+        return
+    # What Study.tell does, less its last step: reading the finished trial back to return it,
+    # a full trial read per trial that no one here uses (Study.optimize skips it the same way;
+    # measured by bench/orchestration.py, issue 7).
+    from optuna.study._tell import _tell_with_warning
+
+    if outcome.state == TrialState.COMPLETE:
+        retrying(lambda: _tell_with_warning(study, trial, outcome.value, skip_if_finished=True),
+                 what="finishing the trial")
+    else:
+        retrying(lambda: _tell_with_warning(study, trial, state=outcome.state, skip_if_finished=True),
+                 what="finishing the trial")
+    if outcome.state == TrialState.FAIL:
+        logger.warning("trial %d failed with %s: %s", trial.number, trial.params, outcome.reason)
+    elif outcome.state == TrialState.PRUNED:
+        logger.info("trial %d pruned (%s)", trial.number, outcome.reason)
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        logger.info("worker %d got %s: checkpointing and handing the trial back", os.getpid(),
+                    signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

@@ -1,0 +1,62 @@
+"""The real `sweeper` command, in subprocesses, end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, run_cli
+
+QUICKSTART = str(ROOT / "studies" / "quickstart.py")
+
+
+@pytest.mark.slow
+def test_quickstart_launch_completes_and_prunes_through_the_real_cli(tmp_path: Path) -> None:
+    out = f"output_dir={tmp_path}"
+    launched = run_cli("launch", QUICKSTART, "--workers", "2", "--set", out)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    assert "best trial" in launched.stderr and "held-out test accuracy" in launched.stderr
+    status = run_cli("status", QUICKSTART, "--set", out, "--json")
+    assert status.returncode == 0, status.stderr
+    summary = json.loads(status.stdout)
+    counts = summary["counts"]
+    assert counts["finished"] == 12 and counts["waiting"] == 0 and counts["running"] == 0
+    assert counts["complete"] >= 1 and counts["pruned"] >= 1
+    # Whether the tiny random model learns in 12 trials varies with the workers' timing
+    # (tests/finetune/test_loop.py checks learning itself); here: the figures are recorded.
+    assert 0.0 <= summary["best"]["value"] <= 1.0
+    assert 0.0 <= summary["best"]["test"]["value"] <= 1.0  # held-out figure, best trial only
+    table = run_cli("status", QUICKSTART, "--set", out)
+    assert f"trial {summary['best']['number']}" in table.stdout
+
+
+def test_validate_samples_the_space_without_training(tmp_path: Path) -> None:
+    result = run_cli("validate", QUICKSTART, "--set", f"output_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout and "a sample" in result.stdout
+    assert not (tmp_path / "study.db").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["validate", "studies/nope.py"], "does not exist"),
+    (["validate", QUICKSTART, "--set", "epoch=2", "--set", "pruner=x"], "2 problems"),
+    (["validate", QUICKSTART, "--set", "space.unfreeze_depth=0..9"], "use 0..2"),
+    (["status", QUICKSTART, "--set", "output_dir=/tmp/sweeper-never-launched"], "sweeper launch"),
+    (["launch", QUICKSTART, "--storage", "postgresql+psycopg2://u:hunter2@127.0.0.1:1/x"], "cannot reach"),
+    (["launch", QUICKSTART, "--storage", "nosuchdb://x"], "not one SQLAlchemy understands"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(args: list[str], message: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.startswith("sweeper: error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "hunter2" not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_every_command_has_help_with_examples() -> None:
+    for command in ("validate", "launch", "worker", "status", "best", "env"):
+        result = run_cli(command, "--help")
+        assert result.returncode == 0 and "examples:" in result.stdout, command

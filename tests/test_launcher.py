@@ -1,0 +1,209 @@
+"""The launcher and its fine-tuning workers through the real CLI: dead workers, preemption,
+Ctrl-C and resume, trials that fail."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import FrozenTrial, TrialState
+
+from sweeper import budget, checkpoints, storage
+from sweeper.errors import SweepError
+from sweeper.launcher import LaunchOptions, plan_slots
+
+from tests.helpers import ROOT, TINY_STUDY, run_cli, write_study
+
+# Trials long enough to be caught in the middle: 1200 sentences, 4 evaluations per epoch.
+SLOW_TRIALS = ["n_trials=3", "epochs=2", "evals_per_epoch=4", "data.n_train=1200", "pruner=none",
+               "space.learning_rate=1e-3"]
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def _launch(study: Path, url: str, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "SWEEPER_STORAGE": url}
+    return subprocess.Popen([sys.executable, "-m", "sweeper", "launch", str(study), "--heartbeat", "1",
+                             "--grace", "6", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _trials(url: str) -> list[FrozenTrial]:
+    try:
+        opened = storage.open_storage(url, heartbeat_interval=None, grace_period=None, create_tables=False)
+    except SweepError:  # the launcher has not created the tables yet
+        return []
+    try:
+        return optuna.load_study(study_name="tiny", storage=opened).get_trials(deepcopy=False)
+    except KeyError:
+        return []
+    finally:
+        opened.engine.dispose()
+
+
+def _wait_for(url: str, found: Callable[[FrozenTrial], bool], timeout: float = 120) -> FrozenTrial:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for trial in _trials(url):
+            if found(trial):
+                return trial
+        time.sleep(0.3)
+    raise AssertionError("timed out waiting for a trial")
+
+
+def _mid_training(trial: FrozenTrial) -> bool:
+    """Running, with a resume point saved (at least one evaluation done), not the last one."""
+    progress = trial.user_attrs.get("progress", {})
+    return (trial.state == TrialState.RUNNING and checkpoints.USER_RESUME in trial.user_attrs
+            and progress.get("evaluation", 99) < 6)
+
+
+def _retry_of(trials: list[FrozenTrial], number: int) -> FrozenTrial:
+    [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == number]
+    return retry
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_kill_9_of_a_worker_mid_trial_resumes_the_trial_from_its_checkpoint(tmp_path: Path, storage_url: str) -> None:
+    study = write_study(tmp_path, TINY_STUDY)
+    launcher = _launch(study, storage_url, "--workers", "1", *_sets(SLOW_TRIALS))
+    victim = _wait_for(storage_url, _mid_training)
+    saved_step = victim.user_attrs[checkpoints.USER_RESUME]["step"]
+    os.kill(victim.user_attrs["pid"], signal.SIGKILL)
+    out, err = launcher.communicate(timeout=240)
+    assert launcher.returncode == 0, err[-3000:]
+    assert "restarting it" in err
+    trials = _trials(storage_url)
+    killed = next(t for t in trials if t.number == victim.number)
+    assert killed.state == TrialState.FAIL and "died" in killed.user_attrs["fail_reason"]
+    retry = _retry_of(trials, victim.number)
+    assert retry.state == TrialState.COMPLETE and retry.params == victim.params
+    assert retry.user_attrs["resumed_from_step"] == saved_step > 0, "continued, not restarted"
+    assert retry.user_attrs["lineage"] == [victim.number]
+    tally = budget.tally(trials)
+    assert (tally.finished, tally.complete, tally.retried, tally.waiting, tally.running) == (3, 3, 1, 0, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_sigterm_checkpoints_hands_back_and_the_retry_resumes_at_that_step(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = write_study(tmp_path, TINY_STUDY)
+    launcher = _launch(study, url, "--workers", "1", *_sets(SLOW_TRIALS))
+    victim = _wait_for(url, _mid_training)
+    os.kill(victim.user_attrs["pid"], signal.SIGTERM)
+    out, err = launcher.communicate(timeout=240)
+    assert launcher.returncode == 0, err[-3000:]
+    trials = _trials(url)
+    handed_back = next(t for t in trials if t.number == victim.number)
+    assert handed_back.state == TrialState.FAIL
+    assert handed_back.user_attrs["fail_reason"].startswith("preempted: stopped at step")
+    stopped_at = int(handed_back.user_attrs["fail_reason"].split("stopped at step ")[1].split()[0])
+    retry = _retry_of(trials, victim.number)
+    assert retry.state == TrialState.COMPLETE
+    assert retry.user_attrs["resumed_from_step"] == stopped_at, "resumed at the step it stopped, not an evaluation"
+    assert budget.tally(trials).finished == 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ctrl_c_stops_every_worker_cleanly_and_launching_again_resumes(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = write_study(tmp_path, TINY_STUDY)
+    sets = _sets([*SLOW_TRIALS, "n_trials=4"])
+    launcher = _launch(study, url, "--workers", "2", *sets)
+    _wait_for(url, _mid_training)
+    launcher.send_signal(signal.SIGINT)
+    out, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 130, err[-3000:]
+    trials = _trials(url)
+    assert not [t for t in trials if t.state == TrialState.RUNNING], "nothing left running"
+    finished_before = {t.number: t.value for t in trials if t.state == TrialState.COMPLETE}
+    handed_back = [t for t in trials if t.state == TrialState.FAIL]
+    assert handed_back and all(t.user_attrs["fail_reason"].startswith("preempted") for t in handed_back)
+    again = _launch(study, url, "--workers", "2", *sets)
+    out, err = again.communicate(timeout=240)
+    assert again.returncode == 0, err[-3000:]
+    trials = _trials(url)
+    assert {t.number: t.value for t in trials if t.number in finished_before} == finished_before
+    tally = budget.tally(trials)
+    assert (tally.finished, tally.complete, tally.waiting) == (4, 4, 0)
+    for trial in handed_back:
+        assert _retry_of(trials, trial.number).user_attrs["resumed_from_step"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_failing_trials_are_recorded_with_their_reason_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    study = write_study(tmp_path, TINY_STUDY)
+    sets = ["n_trials=8", "sampler=random", "pruner=none", "space.max_grad_norm=0.0",
+            "space.learning_rate=[1e12, 1e-3]", "space.batch_size=[0, 16]"]
+    result = run_cli("launch", str(study), "--workers", "2", *_sets(sets))
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = _trials(f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    reasons = [t.user_attrs.get("fail_reason", "") for t in trials if t.state == TrialState.FAIL]
+    assert any("batch_size" in r for r in reasons), reasons
+    assert any("diverged" in r for r in reasons), reasons
+    assert any(t.state == TrialState.COMPLETE for t in trials)
+    assert budget.tally(trials).finished == 8
+    status = run_cli("status", str(study))
+    assert "failed" in status.stdout and "batch_size" in status.stdout
+
+
+def _options(**kw: object) -> LaunchOptions:
+    return LaunchOptions(study_path="s.py", overrides=[], url="sqlite://", **kw)
+
+
+def test_gpus_are_shared_round_robin_with_k_workers_per_gpu() -> None:
+    assert [s.gpu for s in plan_slots(_options(workers_per_gpu=2), available=["0", "1"])] == ["0", "1", "0", "1"]
+    assert [s.gpu for s in plan_slots(_options(workers=3, gpus=["2"], workers_per_gpu=3), available=["0", "2"])] == ["2"] * 3
+    assert [s.gpu for s in plan_slots(_options(workers=2), available=[])] == [None, None]
+    assert len(plan_slots(_options(), available=[])) == 1
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(workers=5), "raise --workers-per-gpu to 3"),
+    (dict(gpus=["7"]), "names GPU 7, which this machine does not have"),
+    (dict(workers_per_gpu=0), "use 1 or more"),
+])
+def test_impossible_gpu_plans_are_refused(kw: dict, message: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(SweepError, match=message):
+        plan_slots(_options(**kw), available=["0", "1"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_gpu_hours_budget_stops_new_trials_across_the_sweep(tmp_path: Path) -> None:
+    """0.0002 GPU-hours (0.72 device-seconds) is spent by the first trial: none starts after it."""
+    study = write_study(tmp_path, TINY_STUDY)
+    result = run_cli("launch", str(study), "--workers", "1", "--n-trials", "5", "--gpu-hours", "0.0002")
+    assert result.returncode == 0, result.stderr[-3000:]
+    tally = budget.tally(_trials(f"sqlite:///{tmp_path / 'out' / 'study.db'}"))
+    assert (tally.finished, tally.waiting) == (1, 4)
+    log = (tmp_path / "out" / "logs" / "worker-0.log").read_text()
+    assert "GPU-hours budget (0.0002 h) is spent" in log
+
+
+def test_no_trial_starts_after_the_deadline(tmp_path: Path) -> None:
+    from sweeper.worker import RetryCallback
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    opened = storage.open_storage(url, heartbeat_interval=1, grace_period=4, stale_trial_callback=RetryCallback(1))
+    study = optuna.create_study(study_name="budget", storage=opened)
+    budget.ensure_tickets(study, 3)
+    opened.set_study_system_attr(study._study_id, budget.ATTR_DEADLINE, time.time() - 1)
+    assert budget.out_of_time(study) == "the sweep's time limit (--timeout) is reached"
+    worker = subprocess.run([sys.executable, "-m", "tests.trivial_worker", url, "budget", "0"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert worker.returncode == 0, worker.stderr
+    assert budget.tally(study.get_trials(deepcopy=False)).waiting == 3

@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.trial import TrialState
+
+from sweeper import budget, storage
+from sweeper.errors import SweepError
+
+from tests.helpers import ROOT, TINY_STUDY, run_cli, write_study
+
+
+def test_url_precedence_is_flag_then_environment_then_study_then_sqlite(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "out"
+    assert storage.resolve_url(None, None, out) == f"sqlite:///{(out / 'study.db').resolve()}"
+    assert storage.resolve_url(None, "postgresql://s@h/d", out) == "postgresql://s@h/d"
+    monkeypatch.setenv("SWEEPER_STORAGE", "postgresql://e@h/d")
+    assert storage.resolve_url(None, "postgresql://s@h/d", out) == "postgresql://e@h/d"
+    assert storage.resolve_url("postgresql://f@h/d", "postgresql://s@h/d", out) == "postgresql://f@h/d"
+    monkeypatch.chdir(tmp_path)
+    assert storage.resolve_url("sqlite:///rel.db", None, out) == f"sqlite:///{tmp_path / 'rel.db'}"
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql+psycopg2://sweeper:s3cr%40t@db:5432/x", "postgresql+psycopg2://sweeper:***@db:5432/x"),
+    ("error at postgresql://u:p@h/d and mysql://a:b@c/d", "error at postgresql://u:***@h/d and mysql://a:***@c/d"),
+    ("postgresql://u@h/d", "postgresql://u@h/d"),
+])
+def test_passwords_are_masked_wherever_a_url_appears(url: str, shown: str) -> None:
+    assert storage.mask(url) == shown
+
+
+def test_a_wrong_password_is_one_line_with_the_password_masked(tmp_path: Path, private_pg) -> None:  # type: ignore[no-untyped-def]
+    study = write_study(tmp_path, TINY_STUDY)
+    result = run_cli("launch", str(study), "--storage", private_pg.url(password="wrong-pw-123"))
+    assert result.returncode == 2
+    assert "refused the user name or password" in result.stderr
+    assert "wrong-pw-123" not in result.stderr + result.stdout
+    assert private_pg.PASSWORD not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("url, message", [
+    ("postgresql+psycopg2://postgres:pw@127.0.0.1:1/x", "cannot reach the database"),
+    ("postgresql+psycopg2://postgres@127.0.0.1:5432/no_such_database_here", "does not exist"),
+    ("nosuchdb://x", "not one SQLAlchemy understands"),
+    ("just text", "not a URL"),
+])
+def test_bad_storage_urls_say_what_is_wrong(url: str, message: str) -> None:
+    with pytest.raises(SweepError, match=message):
+        storage.open_storage(url)
+
+
+def test_sqlite_claims_are_atomic_across_connections(tmp_path: Path) -> None:
+    """Two storages on one file: a WAITING trial can be claimed by exactly one of them."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    first = storage.open_storage(url, heartbeat_interval=None, grace_period=None)
+    study = optuna.create_study(study_name="s", storage=first)
+    budget.ensure_tickets(study, 1)
+    second = storage.open_storage(url, heartbeat_interval=None, grace_period=None)
+    [ticket] = study.get_trials(deepcopy=False)
+    assert first.set_trial_state_values(ticket._trial_id, TrialState.RUNNING) is True
+    assert second.set_trial_state_values(ticket._trial_id, TrialState.RUNNING) is False
+
+
+def _create_database(admin_url: str) -> str:
+    name = f"sweeper_{uuid.uuid4().hex[:8]}"
+    engine = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return admin_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def _terminate_connections(url: str) -> int:
+    database = url.rsplit("/", 1)[1]
+    admin = sqlalchemy.create_engine(url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        killed = conn.execute(sqlalchemy.text(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = :d AND pid <> pg_backend_pid()"
+        ), {"d": database}).scalar()
+    admin.dispose()
+    return int(killed or 0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("outage", ["restart", "terminate"])
+def test_workers_reconnect_after_the_database_goes_away_mid_sweep(tmp_path: Path, private_pg, outage: str) -> None:  # type: ignore[no-untyped-def]
+    url = _create_database(private_pg.url())
+    study_file = write_study(tmp_path, TINY_STUDY)
+    sets = ["n_trials=6", "epochs=2", "evals_per_epoch=4", "data.n_train=800", "pruner=none"]
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "sweeper", "launch", str(study_file), "--workers", "2",
+         *[a for s in sets for a in ("--set", s)]],
+        cwd=ROOT, env={**os.environ, "SWEEPER_STORAGE": url}, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    opened = None
+    deadline = time.time() + 240
+    before: dict[int, float] = {}
+    while time.time() < deadline:
+        try:
+            opened = opened or storage.open_storage(url, heartbeat_interval=None, grace_period=None,
+                                                    create_tables=False)
+            trials = optuna.load_study(study_name="tiny", storage=opened).get_trials(deepcopy=False)
+        except (SweepError, KeyError):
+            time.sleep(0.5)
+            continue
+        before = {t.number: t.value for t in trials if t.state == TrialState.COMPLETE}
+        if before and any(t.state == TrialState.RUNNING for t in trials):
+            break
+        time.sleep(0.3)
+    assert before, "no trial finished before the outage"
+    if outage == "restart":
+        private_pg.restart()
+    else:
+        assert _terminate_connections(url) >= 2
+    out, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, err[-3000:]
+    opened = storage.open_storage(url, heartbeat_interval=None, grace_period=None, create_tables=False)
+    trials = optuna.load_study(study_name="tiny", storage=opened).get_trials(deepcopy=False)
+    assert {t.number: t.value for t in trials if t.number in before} == before, "nothing finished was lost"
+    tally = budget.tally(trials)
+    assert (tally.finished, tally.waiting, tally.running) == (6, 0, 0)
+    assert private_pg.PASSWORD not in out + err
+    opened.engine.dispose()

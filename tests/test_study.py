@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sweeper import study as study_mod
+from sweeper.errors import ConfigError, SweepError
+from sweeper.finetune.models import TextClassifier
+from sweeper.space import Int, LogFloat
+
+from tests.helpers import MINILM, ROOT, SST2, TINY_STUDY, write_study
+
+
+def test_loads_a_study_by_path_and_applies_overrides(tmp_path: Path) -> None:
+    path = write_study(tmp_path, TINY_STUDY)
+    sweep = study_mod.load(path, ["epochs=2", "data.n_train=300", "space.learning_rate=1e-3..1e-2",
+                                  "space.unfreeze_depth=1", "timeout=None"])
+    assert sweep.epochs == 2.0 and isinstance(sweep.epochs, float)
+    assert sweep.data.n_train == 300
+    assert sweep.space["learning_rate"] == LogFloat(1e-3, 1e-2)
+    assert sweep.space["unfreeze_depth"] == 1
+
+
+def test_every_bad_override_is_reported_in_one_error(tmp_path: Path) -> None:
+    path = write_study(tmp_path, TINY_STUDY)
+    with pytest.raises(ConfigError) as caught:
+        study_mod.load(path, ["epoch=2", "n_trials=many", "data.nope=1", "broken"])
+    problems = caught.value.problems
+    assert len(problems) == 4
+    assert "did you mean `epochs`" in problems[0]
+    assert "n_trials=many" in problems[1]
+    assert "`data.nope`" in problems[2]
+    assert "key=value" in problems[3]
+    assert "\n" not in str(caught.value)
+
+
+def test_invalid_values_are_all_listed(tmp_path: Path) -> None:
+    path = write_study(tmp_path, TINY_STUDY)
+    with pytest.raises(ConfigError) as caught:
+        study_mod.load(path, ["pruner=fast", "metric=loss", "keep=0", "space.dropuot=0.1"])
+    text = str(caught.value)
+    assert "pruner" in text and "direction=minimize" in text and "keep" in text
+    assert "did you mean `dropout`" in text
+
+
+def test_model_and_data_shorthands(tmp_path: Path) -> None:
+    path = write_study(tmp_path, TINY_STUDY)
+    sweep = study_mod.load(path, [f"model={MINILM}", f"data={SST2}"])
+    assert sweep.model == TextClassifier(str(MINILM))
+    assert sweep.data.path == str(SST2)
+
+
+def test_missing_broken_and_empty_study_files(tmp_path: Path) -> None:
+    with pytest.raises(SweepError, match="does not exist"):
+        study_mod.load(tmp_path / "nope.py")
+    broken = tmp_path / "broken.py"
+    broken.write_text("from sweeper import Sweep\nsweep = Sweep(\n")
+    with pytest.raises(SweepError, match=r"broken.py:\d+: syntax error"):
+        study_mod.load(broken)
+    raises = tmp_path / "raises.py"
+    raises.write_text("x = 1\nraise RuntimeError('no GPU here')\n")
+    with pytest.raises(SweepError, match=r"raises.py:2: the study file raised RuntimeError: no GPU here"):
+        study_mod.load(raises)
+    empty = tmp_path / "empty.py"
+    empty.write_text("sweep = 3\n")
+    with pytest.raises(SweepError, match="must set `sweep = Sweep"):
+        study_mod.load(empty)
+
+
+def test_unfreeze_depth_beyond_the_model_is_refused_before_training(tmp_path: Path) -> None:
+    path = write_study(tmp_path, TINY_STUDY)
+    sweep = study_mod.load(path, ["space.unfreeze_depth=0..5"])
+    with pytest.raises(ConfigError, match=r"Int\(0, 5\), but the model has 2 blocks: use 0..2"):
+        study_mod.check_model_fit(sweep, str(path))
+
+
+def test_mlm_needs_a_checkpoint_with_an_lm_head() -> None:
+    sweep = study_mod.load(ROOT / "studies" / "bert_sst2.py",
+                           [f"model={MINILM}", f"data={SST2}", "pretrain_loss=mlm"])
+    with pytest.raises(ConfigError, match="no masked-LM head"):
+        study_mod.check_model_fit(sweep, "bert_sst2.py")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "studies").glob("*.py")), ids=lambda p: p.name)
+def test_every_study_file_loads_and_validates(path: Path) -> None:
+    """A study cannot rot: each loads, validates, and (with offline stand-ins for what it
+    would download) fits its model."""
+    offline = {"bert_sst2.py": [f"model={MINILM}", f"data={SST2}", "space.unfreeze_depth=0..6"],
+               "resnet_cifar10.py": ["model.weights=none"]}
+    sweep = study_mod.load(path, offline.get(path.name, []))
+    assert sweep.name and sweep.space
+    assert path.read_text().lstrip().startswith('"""'), "a study opens with its docstring"
+    assert "sweeper launch studies/" in path.read_text().split('"""')[1], "... giving its command"
+    assert study_mod.check_model_fit(sweep, str(path)) >= 1

@@ -1,0 +1,103 @@
+"""``sweeper status``: the study read back from its storage, as a table or as JSON.
+
+Everything comes from the storage itself, so it works from any machine that can reach it, while
+the sweep runs or after: trial states and values from Optuna, who ran what (worker, host,
+device), progress, timings and GPU-seconds from the user attributes each trial records (see
+``objective.py``), the budget from the study's system attributes, and the held-out test figure
+from the study's user attributes (``finalize.py``). ``--json`` prints :func:`summarize` as it is,
+for scripts; the table is :func:`render` of the same data.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from sweeper import budget, checkpoints, finalize
+from sweeper.study import Sweep
+
+
+def summarize(study: optuna.Study, sweep: Sweep) -> dict[str, Any]:
+    """Everything the table shows, as JSON-friendly data."""
+    trials = study.get_trials(deepcopy=False)
+    tally = budget.tally(trials)
+    ranked = checkpoints.ranked(trials, sweep.direction)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    sign = 1 if sweep.direction == "maximize" else -1
+    best = max(complete, key=lambda t: (sign * t.value, -t.number)) if complete else None  # type: ignore[operator]
+    now = time.time()
+    running = []
+    for t in trials:
+        if t.state != TrialState.RUNNING:
+            continue
+        progress = t.user_attrs.get("progress", {})
+        running.append({
+            "number": t.number, "worker": t.user_attrs.get("worker"), "host": t.user_attrs.get("host"),
+            "device": t.user_attrs.get("device"), "params": t.params,
+            "evaluation": progress.get("evaluation", 0), "of": progress.get("of"),
+            "last_value": progress.get("value"),
+            "seconds": round(now - t.datetime_start.timestamp(), 1) if t.datetime_start else None,
+            "retry_of": t.system_attrs.get("failed_trial"),
+        })
+    failed = [{"number": t.number, "reason": t.user_attrs.get("fail_reason"), "params": t.params,
+               "retried": t.number in budget.superseded(trials)}
+              for t in trials if t.state == TrialState.FAIL]
+    test = study.user_attrs.get(finalize.STUDY_BEST_TEST)
+    return {
+        "study": sweep.name,
+        "metric": sweep.metric,
+        "direction": sweep.direction,
+        "budget": budget.study_system_attrs(study).get(budget.ATTR_N_TRIALS),
+        "counts": {"complete": tally.complete, "pruned": tally.pruned, "failed": tally.failed,
+                   "retried": tally.retried, "running": tally.running, "waiting": tally.waiting,
+                   "finished": tally.finished},
+        "best": None if best is None else {
+            "number": best.number, "value": best.value, "params": best.params,
+            "best_evaluation": best.user_attrs.get("best_evaluation"),
+            "checkpoint": best.user_attrs.get(checkpoints.USER_CHECKPOINT) is not None
+            and best.number not in checkpoints.deleted(study),
+            "test": test if test and test.get("trial") == best.number else None,
+        },
+        "running": running,
+        "failed": failed,
+        "gpu_hours": round(budget.gpu_seconds_spent(trials) / 3600, 4),
+        "checkpoints_kept": [t.number for t in ranked if t.number not in checkpoints.deleted(study)],
+    }
+
+
+def render(s: dict[str, Any]) -> str:
+    """The summary as a table for a terminal."""
+    c = s["counts"]
+    lines = [f"study {s['study']}  ({s['metric']}, {s['direction']})",
+             f"trials  {c['finished']}/{s['budget'] or '?'} finished: {c['complete']} complete, "
+             f"{c['pruned']} pruned, {c['failed']} failed ({c['retried']} more retried); "
+             f"{c['running']} running, {c['waiting']} waiting",
+             f"spent   {s['gpu_hours']:.3f} GPU-hours"]
+    best = s["best"]
+    if best:
+        lines.append(f"best    trial {best['number']}: {s['metric']} {best['value']:.4f} "
+                     f"(evaluation {best['best_evaluation']})")
+        if best["test"]:
+            lines.append(f"        held-out test {s['metric']} {best['test']['value']:.4f}")
+        for name, value in best["params"].items():
+            lines.append(f"        {name:22s} {value:.4g}" if isinstance(value, float) else f"        {name:22s} {value}")
+    else:
+        lines.append("best    - (no trial has completed yet)")
+    if s["running"]:
+        lines.append("running")
+        lines.append(f"  {'trial':>5}  {'worker':>6}  {'host':12s} {'device':16s} {'eval':>7}  {'last':>7}  {'time':>7}")
+        for r in s["running"]:
+            of = f"{r['evaluation']}/{r['of']}" if r["of"] else str(r["evaluation"])
+            last = f"{r['last_value']:.4f}" if r["last_value"] is not None else "-"
+            secs = f"{r['seconds']:.0f}s" if r["seconds"] is not None else "-"
+            lines.append(f"  {r['number']:>5}  {str(r['worker']):>6}  {str(r['host'])[:12]:12s} "
+                         f"{str(r['device'])[:16]:16s} {of:>7}  {last:>7}  {secs:>7}")
+    final_fails = [f for f in s["failed"] if not f["retried"]]
+    if final_fails:
+        lines.append("failed")
+        for f in final_fails[-10:]:
+            lines.append(f"  trial {f['number']}: {f['reason']}")
+    return "\n".join(lines)

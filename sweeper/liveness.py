@@ -25,10 +25,13 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import optuna
+import sqlalchemy
 from optuna.storages._heartbeat import is_heartbeat_enabled
+from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.storage import mask, retrying
@@ -109,12 +112,46 @@ def running(study: optuna.Study) -> list[FrozenTrial]:
                     what="reading running trials")
 
 
+def stale_trial_ids(storage: Any, study_id: int) -> list[int]:
+    """Running trials of an RDB storage with heartbeats whose worker has gone quiet.
+
+    As Optuna's own ``_get_stale_trial_ids`` (a heartbeat older than the grace period, by the
+    database's clock), and also the trials that never beat at all: a worker killed between
+    claiming a trial and its first heartbeat would otherwise leave the trial running forever
+    (Optuna skips trials without a heartbeat row). Those are judged by their start time, which
+    the claiming worker wrote with its own clock, in UTC, as Optuna 5 stores it.
+    """
+    rdb = getattr(storage, "_backend", storage)  # under Optuna's cache, its RDBStorage
+    grace = timedelta(seconds=rdb.grace_period if rdb.grace_period is not None
+                      else 2 * rdb.get_heartbeat_interval())
+    engine = rdb.engine
+    trial, beat = models.TrialModel, models.TrialHeartbeatModel
+    with engine.connect() as conn:
+        db_now = conn.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar_one()
+        rows = conn.execute(
+            sqlalchemy.select(trial.trial_id, trial._datetime_start_utc, beat.heartbeat)
+            .outerjoin(beat, beat.trial_id == trial.trial_id)
+            .where(trial.study_id == study_id, trial.state == TrialState.RUNNING)
+        ).all()
+    if isinstance(db_now, str):  # SQLite hands CURRENT_TIMESTAMP back as text
+        db_now = datetime.fromisoformat(db_now)
+    db_now, utc_now = db_now.replace(tzinfo=None), datetime.now(UTC).replace(tzinfo=None)
+    stale = []
+    for trial_id, started, last_beat in rows:
+        if last_beat is not None:
+            if db_now - last_beat > grace:
+                stale.append(trial_id)
+        elif started is not None and utc_now - started > grace:
+            stale.append(trial_id)
+    return stale
+
+
 def reap(study: optuna.Study, grace: float, retry: Retry) -> list[int]:
     """Fail the running trials whose heartbeat is older than ``grace`` seconds."""
     storage = study._storage
     if native(storage):
         # One query in the common case (nothing is stale); grace is the storage's own.
-        stale = retrying(lambda: storage._get_stale_trial_ids(study._study_id), what="finding stale trials")
+        stale = retrying(lambda: stale_trial_ids(storage, study._study_id), what="finding stale trials")
         reaped = []
         for trial_id in stale:
             trial = retrying(lambda: storage.get_trial(trial_id), what="reading a stale trial")

@@ -84,10 +84,22 @@ def test_a_killed_workers_trial_is_failed_after_its_grace_period_and_retried(sto
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     assert trials[running.number].state == TrialState.FAIL
     [retry] = [t for t in trials.values() if t.system_attrs.get("failed_trial") == running.number]
-    assert retry.state == TrialState.WAITING and retry.params == running.params
+    assert retry.state == TrialState.WAITING and retry.params == trials[running.number].params
     _wait(_workers(storage_url, 2))
     tally = budget.tally(study.get_trials(deepcopy=False))
     assert (tally.complete, tally.retried, tally.failed, tally.waiting) == (3, 1, 0, 0)
+
+
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_reaped_too(storage_url: str) -> None:
+    # Optuna's own stale query skips a running trial with no heartbeat row at all.
+    study = _create(storage_url, 2)
+    [ticket, _] = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert study._storage.set_trial_state_values(ticket._trial_id, state=TrialState.RUNNING)
+    assert liveness.reap(study, 4, RetryCallback(3)) == [], "not before the grace period"
+    time.sleep(4.5)
+    assert liveness.reap(study, 4, RetryCallback(3)) == [ticket.number]
+    failed = study._storage.get_trial(ticket._trial_id)
+    assert failed.state == TrialState.FAIL and "no heartbeat" in failed.user_attrs["fail_reason"]
 
 
 def test_the_owner_check_fails_a_dead_workers_trial_at_once(storage_url: str) -> None:

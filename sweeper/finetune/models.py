@@ -411,7 +411,11 @@ def _pretrained_text_weights(path: str) -> tuple[Any, dict[str, torch.Tensor]]:
 
         quiet_transformers()
         try:
-            base = AutoModel.from_pretrained(path, dtype=torch.float32)
+            # Loading initialises what the checkpoint lacks (a pooler) from the global generator:
+            # on a fork of it, so the first build of a process gets the same head, after the
+            # same manual_seed, as every later build (which finds the weights cached).
+            with torch.random.fork_rng(devices=[]):
+                base = AutoModel.from_pretrained(path, dtype=torch.float32)
         except (OSError, ValueError) as exc:
             raise _load_error(path, exc) from None
         _TEXT_WEIGHTS[path] = (base.config, {k: v.detach().clone() for k, v in base.state_dict().items()})
@@ -457,7 +461,8 @@ def _masked_lm_head(path: str) -> nn.Module:
             f"pretrain_loss='mlm' needs a checkpoint with a masked-LM head, and {path!r} has none: "
             "use pretrain_loss=distill or l2sp, or a model saved with its MLM head"
         )
-    lm = AutoModelForMaskedLM.from_pretrained(path, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):  # as in _pretrained_text_weights
+        lm = AutoModelForMaskedLM.from_pretrained(path, dtype=torch.float32)
     head = getattr(lm, "cls", None) or getattr(lm, "lm_head", None)
     if head is None:
         raise SweepError(f"cannot find the masked-LM head of {type(lm).__name__}")

@@ -13,7 +13,6 @@ from sweeper.finetune.models import (
     TinyTextClassifier,
     from_checkpoint,
 )
-
 from tests.helpers import MINILM
 
 
@@ -85,3 +84,15 @@ def test_the_same_seed_gives_the_same_tiny_model(tmp_path: Path, model_cache: Pa
     assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
     data = prepare(SyntheticText(n_train=40, n_test=5), tmp_path / "cache", 0, a.tokenizer(tmp_path / "a"), a.identity())
     assert data.num_labels == 2
+
+
+def test_the_first_build_of_a_process_equals_later_ones_after_the_same_seed(tmp_path: Path) -> None:
+    # The first build loads the checkpoint (and initialises its missing pooler); that must not
+    # move the generator the new head is drawn from.
+    spec = TinyTextClassifier(layers=2, hidden=32, heads=2, seed=11)  # a checkpoint no test loaded yet
+    builds = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        builds.append(spec.build(2, tmp_path))
+    for (name, first), (_, second) in zip(builds[0].named_parameters(), builds[1].named_parameters()):
+        assert torch.equal(first, second), name

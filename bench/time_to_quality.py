@@ -84,10 +84,10 @@ def baseline(rows: list, eval_rows: list, args: argparse.Namespace, device: str,
         data_collator=DataCollatorWithPadding(tokenizer), callbacks=[Record()],
         compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())},
     )
-    space = lambda trial: {
-        "learning_rate": trial.suggest_float("learning_rate", 1e-5, 3e-4, log=True),
-        "weight_decay": trial.suggest_float("weight_decay", 1e-4, 1e-1, log=True),
-    }
+    def space(trial: Any) -> dict[str, float]:
+        return {"learning_rate": trial.suggest_float("learning_rate", 1e-5, 3e-4, log=True),
+                "weight_decay": trial.suggest_float("weight_decay", 1e-4, 1e-1, log=True)}
+
     started[0] = time.time()
     best_run = trainer.hyperparameter_search(
         direction="maximize", backend="optuna", hp_space=space, n_trials=10_000, timeout=args.budget,

@@ -13,8 +13,7 @@ import os
 import platform
 import socket
 import sys
-import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +76,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     import optuna
 
     from sweeper import space, study
-    from sweeper.storage import mask
-
     from sweeper.finetune.data import check_source
+    from sweeper.storage import mask
 
     sweep = _load(args)
     blocks = study.check_model_fit(sweep, args.study)
@@ -104,7 +102,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_launch(args: argparse.Namespace, join: bool = False) -> int:
     from sweeper import study
-    from sweeper.launcher import LaunchOptions, Launcher
+    from sweeper.launcher import Launcher, LaunchOptions
     from sweeper.storage import mask
 
     if args.keep is not None:  # the study's `keep`, overridden for this machine's workers too

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -351,7 +351,7 @@ def last_error_line(log: Path | None) -> str:
     """The most telling line of a worker's log: its last error or exception."""
     if log is None or not log.exists():
         return "no log"
-    lines = [l.strip() for l in log.read_text(errors="replace").splitlines() if l.strip()]
+    lines = [text.strip() for text in log.read_text(errors="replace").splitlines() if text.strip()]
     for line in reversed(lines):
         if "Error" in line or "error:" in line or "Exception" in line:
             return mask(line)[:400]

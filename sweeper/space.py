@@ -20,7 +20,7 @@ from __future__ import annotations
 import ast
 import math
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import optuna
 
@@ -124,9 +124,9 @@ class Categorical:
         return f"Categorical({list(self.choices)})"
 
 
-Distribution = Union[Float, LogFloat, Int, Categorical]
+Distribution = Float | LogFloat | Int | Categorical
 # A constant is any plain value: it is passed to the trial unchanged and never searched.
-SpaceValue = Union[Distribution, bool, int, float, str, None]
+SpaceValue = Distribution | bool | int | float | str | None
 
 
 def _check_bounds(name: str, low: float, high: float) -> list[str]:

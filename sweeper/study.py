@@ -16,11 +16,10 @@ import hashlib
 import importlib.util
 import json
 import os
-import sys
 import traceback
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

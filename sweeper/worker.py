@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import signal
+import socket
 import threading
 import time
 import warnings

@@ -10,6 +10,13 @@ from pathlib import Path
 
 import pytest
 
+# The suite runs on two xdist workers (pyproject's addopts), each starting worker processes of
+# its own: one thread per process keeps them from fighting over the cores (the tiny models gain
+# nothing from more). Set before torch is imported, and inherited by every subprocess.
+for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "SWEEPER_THREADS"):
+    os.environ.setdefault(_name, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 PG_ADMIN_URL = os.environ.get("SWEEPER_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 
 

@@ -23,6 +23,9 @@ from sweeper import checkpoints, finalize
 from sweeper.study import load as load_sweep
 from tests.helpers import TINY_STUDY, run_cli, write_study
 
+# One xdist worker runs this file's tests, so its module- and session-wide fixtures are built once.
+pytestmark = pytest.mark.xdist_group("best")
+
 KEEP = 2  # the sweeps below run 4 trials and keep 2
 
 

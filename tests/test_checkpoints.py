@@ -28,6 +28,9 @@ from sweeper.finetune.loop import TrainState
 from sweeper.finetune.models import TinyTextClassifier, from_checkpoint
 from tests.helpers import ROOT, TINY_STUDY, run_cli, write_study
 
+# One xdist worker runs this file's tests, so its module- and session-wide fixtures are built once.
+pytestmark = pytest.mark.xdist_group("checkpoints")
+
 Store = tuple[Any, Callable[[], set[str]]]  # an opened store, and the names of what it holds
 
 

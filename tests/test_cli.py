@@ -50,7 +50,7 @@ def test_validate_samples_the_space_without_training(tmp_path: Path) -> None:
 def test_bad_input_is_one_line_and_exit_code_2(args: list[str], message: str) -> None:
     result = run_cli(*args)
     assert result.returncode == 2, result.stderr
-    lines = [l for l in result.stderr.splitlines() if l.startswith("sweeper: error:")]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("sweeper: error:")]
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert "hunter2" not in result.stderr + result.stdout
     assert "Traceback" not in result.stderr

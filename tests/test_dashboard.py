@@ -26,6 +26,9 @@ from sweeper.errors import SweepError
 from sweeper.storage import open_storage
 from tests.helpers import ROOT
 
+# One xdist worker runs this file's tests, so its module- and session-wide fixtures are built once.
+pytestmark = pytest.mark.xdist_group("finished_sweep")
+
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
 

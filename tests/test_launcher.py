@@ -18,7 +18,6 @@ from optuna.trial import FrozenTrial, TrialState
 from sweeper import budget, checkpoints, storage
 from sweeper.errors import SweepError
 from sweeper.launcher import LaunchOptions, plan_slots
-
 from tests.helpers import ROOT, TINY_STUDY, run_cli, write_study
 
 # Trials long enough to be caught in the middle: 1200 sentences, 4 evaluations per epoch.

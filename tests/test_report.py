@@ -16,6 +16,9 @@ from sweeper import report
 from sweeper.errors import SweepError
 from tests.helpers import run_cli
 
+# One xdist worker runs this file's tests, so its module- and session-wide fixtures are built once.
+pytestmark = pytest.mark.xdist_group("finished_sweep")
+
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
 

@@ -14,6 +14,9 @@ from optuna.trial import TrialState
 from sweeper.storage import open_storage
 from tests.helpers import run_cli
 
+# One xdist worker runs this file's tests, so its module- and session-wide fixtures are built once.
+pytestmark = pytest.mark.xdist_group("finished_sweep")
+
 RUNNING_ATTRS = {"worker": 3, "host": "gpu-node-7", "device": "cuda (GPU 2)", "devices": 1,
                  "progress": {"evaluation": 1, "of": 2, "value": 0.5125}}
 

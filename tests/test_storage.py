@@ -14,7 +14,6 @@ from optuna.trial import TrialState
 
 from sweeper import budget, storage
 from sweeper.errors import SweepError
-
 from tests.helpers import ROOT, TINY_STUDY, run_cli, write_study
 
 

@@ -18,7 +18,6 @@ from optuna.trial import TrialState
 
 from sweeper import budget, liveness, storage
 from sweeper.worker import RetryCallback
-
 from tests.helpers import ROOT
 
 

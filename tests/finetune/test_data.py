@@ -9,8 +9,10 @@ from sweeper.errors import SweepError
 from sweeper.finetune import data as data_mod
 from sweeper.finetune.data import TextData, evaluation_batches, prepare, training_batches
 from sweeper.finetune.models import TextClassifier
-
 from tests.helpers import MINILM, SST2
+
+# One xdist worker runs this file's tests, so its module- and session-wide fixtures are built once.
+pytestmark = pytest.mark.xdist_group("finetune_data")
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,7 @@ def tokenizer(tmp_path_factory):  # type: ignore[no-untyped-def]
 def _tsv_folder(folder: Path, train: list[tuple[str, str]], test: list[tuple[str, str]]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train), ("validation", test)):
-        (folder / f"{name}.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{l}\n" for s, l in rows))
+        (folder / f"{name}.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{label}\n" for s, label in rows))
     return folder
 
 

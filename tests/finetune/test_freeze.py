@@ -3,7 +3,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from sweeper.errors import SweepError
 from sweeper.finetune import freeze

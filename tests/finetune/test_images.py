@@ -14,7 +14,6 @@ from sweeper.finetune.loop import Hyper, LoopSettings, train
 from sweeper.finetune.models import ImageClassifier
 
 
-
 def _image_folder(root: Path, per_class: int) -> Path:
     """Two classes a CNN can tell apart: reddish and bluish noise."""
     from PIL import Image

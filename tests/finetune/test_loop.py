@@ -9,6 +9,9 @@ from sweeper.finetune.data import SyntheticText, prepare
 from sweeper.finetune.loop import Hooks, Hyper, LoopSettings, NonFiniteLoss, Preempted, TrainState, train
 from sweeper.finetune.models import TinyTextClassifier
 
+# One xdist worker runs this file's tests, so its module- and session-wide fixtures are built once.
+pytestmark = pytest.mark.xdist_group("finetune_loop")
+
 SPEC = TinyTextClassifier(layers=2, hidden=32, heads=2)
 
 

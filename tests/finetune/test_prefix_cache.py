@@ -25,6 +25,9 @@ from sweeper.finetune.data import (
 from sweeper.finetune.loop import Hyper, LoopSettings, forward_pass, train
 from sweeper.finetune.models import TinyTextClassifier
 
+# One xdist worker runs this file's tests, so its module- and session-wide fixtures are built once.
+pytestmark = pytest.mark.xdist_group("prefix_cache")
+
 SPEC = TinyTextClassifier(layers=3, hidden=32, heads=2)
 
 

@@ -88,10 +88,10 @@ def ensure_tickets(study: optuna.Study, n_trials: int) -> int:
 def out_of_time(study: optuna.Study) -> str | None:
     """Why no new trial may start (the deadline or the GPU-hours are spent), or None."""
     attrs = retrying(lambda: study_system_attrs(study), what="reading the budget")
-    deadline = attrs.get(ATTR_DEADLINE)
+    deadline: Any = attrs.get(ATTR_DEADLINE)  # JSON numbers, as the launcher wrote them
     if deadline is not None and time.time() >= float(deadline):
         return "the sweep's time limit (--timeout) is reached"
-    allowed = attrs.get(ATTR_GPU_SECONDS)
+    allowed: Any = attrs.get(ATTR_GPU_SECONDS)
     if allowed is not None:
         trials = retrying(lambda: study.get_trials(deepcopy=False), what="reading trials")
         if gpu_seconds_spent(trials) >= float(allowed):

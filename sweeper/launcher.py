@@ -113,7 +113,7 @@ def plan_slots(options: LaunchOptions, available: list[str] | None = None) -> li
 def prepare_study(sweep: Sweep, options: LaunchOptions) -> optuna.Study:
     """Create or resume the study and set its budget (launch), or check that it exists (join)."""
     storage = open_storage(options.url, heartbeat_interval=None, grace_period=None, create_tables=not options.join)
-    direction = sweep.direction
+    direction: Any = sweep.direction  # "maximize" or "minimize": the study check made sure
     if options.join:
         try:
             study = retrying(lambda: optuna.load_study(study_name=sweep.name, storage=storage), what="opening the study")
@@ -364,7 +364,8 @@ def progress_line(trials: list[optuna.trial.FrozenTrial], direction: str, elapse
     best = None
     for trial in trials:
         if trial.state == TrialState.COMPLETE and trial.value is not None:
-            if best is None or (trial.value > best.value if direction == "maximize" else trial.value < best.value):
+            if best is None or best.value is None or (
+                    trial.value > best.value if direction == "maximize" else trial.value < best.value):
                 best = trial
     best_text = f"best {best.value:.4f} (trial {best.number})" if best else "best -"
     eta = ""

@@ -154,7 +154,9 @@ class Objective:
         resume = self._resume_state(history)
         if resume is not None:
             set_attr("resumed_from_step", resume.step)
-        lm_head = sweep.model.pretrained_lm_head(sweep.cache_dir) if sweep.pretrain_loss == "mlm" else None
+        # Only text models have an MLM head; the study check refuses mlm for any other.
+        lm_head = (sweep.model.pretrained_lm_head(sweep.cache_dir)  # type: ignore[union-attr]
+                   if sweep.pretrain_loss == "mlm" else None)
         settings = LoopSettings(
             epochs=sweep.epochs, metric=sweep.metric, direction=sweep.direction, device=self.device,
             seed=seed, pretrain_loss=sweep.pretrain_loss, evals_per_epoch=sweep.evals_per_epoch,

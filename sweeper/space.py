@@ -182,7 +182,7 @@ def parse_override(current: SpaceValue | None, text: str) -> SpaceValue:
     value = literal(text)
     if isinstance(value, list):
         return Categorical(value)
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 def _number(text: str) -> float:

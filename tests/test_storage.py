@@ -104,19 +104,24 @@ def test_workers_reconnect_after_the_database_goes_away_mid_sweep(tmp_path: Path
     opened = None
     deadline = time.time() + 240
     before: dict[int, float] = {}
+    last_error: Exception | None = None
     while time.time() < deadline:
+        if launcher.poll() is not None:  # it ended before the outage: say why, do not wait on
+            pytest.fail(f"the launcher exited with {launcher.returncode} (last read: {last_error!r}): "
+                        f"{launcher.communicate()[1][-3000:]}")
         try:
             opened = opened or storage.open_storage(url, heartbeat_interval=None, grace_period=None,
                                                     create_tables=False)
             trials = optuna.load_study(study_name="tiny", storage=opened).get_trials(deepcopy=False)
-        except (SweepError, KeyError):
+        except (SweepError, KeyError) as exc:  # not created yet: open afresh next time
+            last_error, opened = exc, None
             time.sleep(0.5)
             continue
         before = {t.number: t.value for t in trials if t.state == TrialState.COMPLETE}
         if before and any(t.state == TrialState.RUNNING for t in trials):
             break
         time.sleep(0.3)
-    assert before, "no trial finished before the outage"
+    assert before, f"no trial finished before the outage (last read: {last_error!r})"
     if outage == "restart":
         private_pg.restart()
     else:

@@ -271,7 +271,7 @@ def training_batches(
         chunk = order[start : start + pool]
         chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
         batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
-    rng.shuffle(batches)  # type: ignore[arg-type]
+    rng.shuffle(batches)  # type: ignore[arg-type, unused-ignore]
     return batches
 
 
@@ -619,7 +619,7 @@ def _read_images(spec: ImageData) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
         out = np.zeros((len(images), size, size, 3), dtype=np.uint8)
         for i, image in enumerate(images):
             image = image if isinstance(image, Image.Image) else Image.fromarray(image)
-            out[i] = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
+            out[i] = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
         return out
 
     if path.is_dir():

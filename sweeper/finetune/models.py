@@ -25,7 +25,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ class ModelAdapter:
     """
 
     kind: str = ""
-    model: nn.Module
+    model: Any  # an nn.Module of transformers or torchvision, whose parts are reached by attribute
     stem: nn.Module
     blocks: nn.ModuleList
     head_modules: list[nn.Module]
@@ -87,7 +87,7 @@ class ModelAdapter:
         come from the frozen-prefix cache instead of the stem (``prefix.py``)."""
         raise NotImplementedError
 
-    def run(self, hidden: torch.Tensor, context: Any, blocks: Sequence[nn.Module]) -> torch.Tensor:
+    def run(self, hidden: torch.Tensor, context: Any, blocks: Iterable[nn.Module]) -> torch.Tensor:
         """``blocks`` (a slice of ``self.blocks``, or copies of one), bottom to top."""
         raise NotImplementedError
 
@@ -114,7 +114,7 @@ class TextAdapter(ModelAdapter):
 
     kind = "text"
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Any) -> None:  # a transformers model: its parts are attributes
         self.model = model
         base = model.base_model
         encoder = getattr(base, "encoder", None)
@@ -145,7 +145,7 @@ class TextAdapter(ModelAdapter):
         )
         return mask, batch["attention_mask"]
 
-    def run(self, hidden: torch.Tensor, context: Any, blocks: Sequence[nn.Module]) -> torch.Tensor:
+    def run(self, hidden: torch.Tensor, context: Any, blocks: Iterable[nn.Module]) -> torch.Tensor:
         for layer in blocks:
             hidden = layer(hidden, context[0])
         return hidden
@@ -171,7 +171,7 @@ class ResNetAdapter(ModelAdapter):
 
     kind = "image"
 
-    def __init__(self, model: nn.Module, arch: str) -> None:
+    def __init__(self, model: Any, arch: str) -> None:  # a torchvision ResNet: its parts are attributes
         self.model = model
         self.arch = arch
         self.stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
@@ -188,7 +188,7 @@ class ResNetAdapter(ModelAdapter):
     def context(self, batch: dict[str, torch.Tensor], hidden: torch.Tensor) -> Any:
         return None
 
-    def run(self, hidden: torch.Tensor, context: Any, blocks: Sequence[nn.Module]) -> torch.Tensor:
+    def run(self, hidden: torch.Tensor, context: Any, blocks: Iterable[nn.Module]) -> torch.Tensor:
         for block in blocks:
             hidden = block(hidden)
         return hidden
@@ -309,7 +309,7 @@ class TinyTextClassifier:
         folder.parent.mkdir(parents=True, exist_ok=True)
         with _file_lock(folder.with_suffix(".lock")):
             if not (folder / "config.json").exists():
-                from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+                from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast  # type: ignore[attr-defined]
 
                 quiet_transformers()
                 folder.mkdir(parents=True, exist_ok=True)
@@ -472,7 +472,7 @@ def _masked_lm_head(path: str) -> nn.Module:
     return head
 
 
-def _load_resnet(arch: str, weights: str) -> nn.Module:
+def _load_resnet(arch: str, weights: str) -> Any:  # a torchvision ResNet
     try:
         import torchvision  # optional: pip install 'sweeper[vision]'
     except ImportError:

@@ -44,6 +44,7 @@ SQLITE_BUSY_TIMEOUT_S = 600.0  # a writer waits this long for the lock before fa
 HEARTBEAT_INTERVAL_S = 20  # a running trial's worker writes a heartbeat this often
 GRACE_PERIOD_S = 120  # a trial whose heartbeat is older than this is failed and retried
 GRPC_CONNECT_TIMEOUT_S = 60.0  # how long opening a grpc:// storage waits for `sweeper proxy`
+SCHEMA_RACE_ATTEMPTS = 5  # opening a new database while another process creates its tables
 
 T = TypeVar("T")
 
@@ -154,17 +155,26 @@ def open_storage(
     if not re.match(r"^[a-z][a-z0-9+]*://", url, re.I) and not url.startswith("sqlite"):
         raise SweepError(f"the storage URL {mask(url)!r} is not a URL: use sqlite:///PATH or "
                          "postgresql+psycopg2://USER:PASSWORD@HOST:5432/DB")
-    try:
-        storage = optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs(url),
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-            heartbeat_stale_trial_callback=stale_trial_callback,
-            skip_table_creation=not create_tables,
-        )
-    except Exception as exc:
-        raise explain(exc, url) from None
+    for attempt in range(SCHEMA_RACE_ATTEMPTS):
+        try:
+            storage = optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs(url),
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                heartbeat_stale_trial_callback=stale_trial_callback,
+                skip_table_creation=not create_tables,
+            )
+            break
+        except Exception as exc:
+            # Processes that open a new database at the same moment (a launcher, `sweeper
+            # worker` on another host, `status`) race to create Optuna's tables and its
+            # alembic stamp; the losers see "already exists". The winner's tables are there
+            # a moment later: open again.
+            if attempt + 1 < SCHEMA_RACE_ATTEMPTS and _lost_schema_race(exc):
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            raise explain(exc, url) from None
     if is_sqlite(url):
         storage.engine.pool.dispose()  # connections opened before this point begin deferred
         _IMMEDIATE_ENGINES.add(storage.engine)
@@ -193,6 +203,12 @@ def _open_grpc(url: str) -> optuna.storages.BaseStorage:
         raise SweepError(f"could not reach the storage proxy at {url} within {GRPC_CONNECT_TIMEOUT_S:g}s: "
                          "start it with `sweeper proxy --storage DATABASE_URL` on that host") from None
     return proxy
+
+
+def _lost_schema_race(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError)) and (
+        "already exists" in text or "duplicate key" in text)
 
 
 def explain(exc: BaseException, url: str) -> SweepError:

@@ -20,8 +20,8 @@ from sweeper.errors import SweepError
 from sweeper.launcher import LaunchOptions, plan_slots
 from tests.helpers import ROOT, TINY_STUDY, run_cli, write_study
 
-# Trials long enough to be caught in the middle: 1200 sentences, 4 evaluations per epoch.
-SLOW_TRIALS = ["n_trials=3", "epochs=2", "evals_per_epoch=4", "data.n_train=1200", "pruner=none",
+# Trials long enough to be caught in the middle: 1600 sentences, 4 evaluations per epoch.
+SLOW_TRIALS = ["n_trials=3", "epochs=2", "evals_per_epoch=4", "data.n_train=1600", "pruner=none",
                "space.learning_rate=1e-3"]
 
 
@@ -49,13 +49,36 @@ def _trials(url: str) -> list[FrozenTrial]:
         opened.engine.dispose()
 
 
+class _Watcher:
+    """Reads a sweep's trials every few tenths of a second with one storage, opened once the
+    launcher has made the study: reopening at every look is slow enough, on a busy machine,
+    to miss the moment a test waits for."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.storage = url, None
+
+    def trials(self) -> list[FrozenTrial]:
+        try:
+            self.storage = self.storage or storage.open_storage(
+                self.url, heartbeat_interval=None, grace_period=None, create_tables=False)
+            return optuna.load_study(study_name="tiny", storage=self.storage).get_trials(deepcopy=False)
+        except (SweepError, KeyError):  # not created yet
+            return []
+
+    def close(self) -> None:
+        if self.storage is not None:
+            self.storage.engine.dispose()
+
+
 def _wait_for(url: str, found: Callable[[FrozenTrial], bool], launcher: subprocess.Popen[str],
               timeout: float = 120) -> FrozenTrial:
     deadline = time.time() + timeout
+    watcher = _Watcher(url)
     while time.time() < deadline:
-        trials = _trials(url)
+        trials = watcher.trials()
         for trial in trials:
             if found(trial):
+                watcher.close()
                 return trial
         if launcher.poll() is not None:
             raise AssertionError(f"the launcher exited with {launcher.returncode} before any trial was "

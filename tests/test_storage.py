@@ -135,3 +135,23 @@ def test_workers_reconnect_after_the_database_goes_away_mid_sweep(tmp_path: Path
     assert (tally.finished, tally.waiting, tally.running) == (6, 0, 0)
     assert private_pg.PASSWORD not in out + err
     opened.engine.dispose()
+
+
+_OPEN_AT_ONCE = """
+import sys, time
+from sweeper import storage
+start = float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))  # every process opens at the same moment
+storage.open_storage(sys.argv[1], heartbeat_interval=None, grace_period=None)
+"""
+
+
+@pytest.mark.postgres
+def test_processes_opening_a_new_database_at_once_all_succeed(pg_url: str) -> None:
+    # A launcher, a `sweeper worker` on another host and a `status` may all be first: they race
+    # to create Optuna's tables and alembic stamp, and the losers must open what the winner made.
+    start = time.time() + 3.0
+    processes = [subprocess.Popen([sys.executable, "-c", _OPEN_AT_ONCE, pg_url, str(start)], cwd=ROOT,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    errors = [p.communicate(timeout=120)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0] * 6, "\n".join(e[-800:] for e in errors if e)

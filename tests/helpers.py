@@ -6,7 +6,11 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
+from typing import Self
+
+import sqlalchemy
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -49,3 +53,38 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 240,
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "sweeper", *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=cwd or ROOT)
+
+
+class ConnectionCounter:
+    """Connections to the PostgreSQL ``database`` (on the test server), sampled every 50 ms
+    from the admin database, which is not counted; ``peak`` is the most seen at once."""
+
+    def __init__(self, database: str) -> None:
+        self.database = database
+        self.samples: list[int] = []
+        self.done = threading.Event()
+        from tests.conftest import PG_ADMIN_URL
+
+        self.engine = sqlalchemy.create_engine(PG_ADMIN_URL, poolclass=sqlalchemy.pool.NullPool)
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        query = sqlalchemy.text("SELECT count(*) FROM pg_stat_activity WHERE datname = :d")
+        with self.engine.connect() as conn:  # on the admin database: not counted
+            while not self.done.is_set():
+                self.samples.append(int(conn.execute(query, {"d": self.database}).scalar_one()))
+                conn.commit()
+                self.done.wait(0.05)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join(timeout=10)
+        self.engine.dispose()
+
+    @property
+    def peak(self) -> int:
+        return max(self.samples, default=0)

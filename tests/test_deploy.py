@@ -15,22 +15,19 @@ import re
 import shlex
 import subprocess
 import sys
-import threading
 import tomllib
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import optuna
 import pytest
-import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
 from sweeper import __version__, deploy
 from sweeper.cli import build_parser
 from sweeper.storage import ENV_STORAGE
-from tests.conftest import PG_ADMIN_URL
-from tests.helpers import ROOT, TINY_STUDY, run_cli, write_study
+from tests.helpers import ROOT, TINY_STUDY, ConnectionCounter, run_cli, write_study
 
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"
@@ -419,30 +416,6 @@ def test_deploy_rejects_a_bad_worker_count_in_one_line() -> None:
 # --------------------------------------------------------------------------- compose, run
 
 
-class PeakConnections:
-    def __init__(self, database: str) -> None:
-        self.database, self.peak = database, 0
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        engine = sqlalchemy.create_engine(PG_ADMIN_URL, poolclass=sqlalchemy.pool.NullPool)
-        query = sqlalchemy.text("SELECT count(*) FROM pg_stat_activity WHERE datname = :d")
-        with engine.connect() as conn:
-            while not self.done.wait(0.1):
-                self.peak = max(self.peak, int(conn.execute(query, {"d": self.database}).scalar_one()))
-                conn.commit()
-        engine.dispose()
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.done.set()
-        self.thread.join(timeout=10)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)  # three processes import PyTorch and train on 2 cores
 @pytest.mark.postgres
@@ -468,7 +441,7 @@ def test_the_compose_create_and_worker_commands_run_a_sweep_on_postgres(pg_url: 
     assert config["services"]["worker"]["command"][:2] == ["worker", "studies/tiny.py"]
     created = run("create")
     assert created.returncode == 0, created.stderr[-3000:]
-    with PeakConnections(database) as connections:
+    with ConnectionCounter(database) as connections:
         worked = run("worker")
     assert worked.returncode == 0, worked.stderr[-3000:]
     study = optuna.load_study(study_name="tiny", storage=pg_url)

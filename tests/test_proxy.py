@@ -14,23 +14,19 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
 
 import optuna
 import pytest
-import sqlalchemy
 from optuna.trial import TrialState
 
 from sweeper import budget, liveness, storage
 from sweeper.errors import SweepError
 from sweeper.worker import claim
-from tests.conftest import PG_ADMIN_URL
-from tests.helpers import ROOT, TINY_STUDY, run_cli, write_study
+from tests.helpers import ROOT, TINY_STUDY, ConnectionCounter, run_cli, write_study
 
 # The gRPC proxy is "experimental" in Optuna; sweeper relies on it knowingly.
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -138,38 +134,6 @@ def start_light_worker(url: str, name: str, seconds: float, log: Path) -> subpro
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-c", LIGHT_WORKER, name, str(seconds)], env=env,
                                 stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-
-
-class ConnectionCounter:
-    """The most connections to ``database`` seen at once, sampled every 50 ms."""
-
-    def __init__(self, database: str) -> None:
-        self.database = database
-        self.samples: list[int] = []
-        self.done = threading.Event()
-        self.engine = sqlalchemy.create_engine(PG_ADMIN_URL, poolclass=sqlalchemy.pool.NullPool)
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        query = sqlalchemy.text("SELECT count(*) FROM pg_stat_activity WHERE datname = :d")
-        with self.engine.connect() as conn:  # on the admin database: not counted
-            while not self.done.is_set():
-                self.samples.append(int(conn.execute(query, {"d": self.database}).scalar_one()))
-                conn.commit()
-                self.done.wait(0.05)
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.done.set()
-        self.thread.join(timeout=10)
-        self.engine.dispose()
-
-    @property
-    def peak(self) -> int:
-        return max(self.samples, default=0)
 
 
 @pytest.mark.slow

@@ -36,19 +36,6 @@ def _launch(study: Path, url: str, *args: str) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def _trials(url: str) -> list[FrozenTrial]:
-    try:
-        opened = storage.open_storage(url, heartbeat_interval=None, grace_period=None, create_tables=False)
-    except SweepError:  # the launcher has not created the tables yet
-        return []
-    try:
-        return optuna.load_study(study_name="tiny", storage=opened).get_trials(deepcopy=False)
-    except KeyError:
-        return []
-    finally:
-        opened.engine.dispose()
-
-
 class _Watcher:
     """Reads a sweep's trials every few tenths of a second with one storage, opened once the
     launcher has made the study: reopening at every look is slow enough, on a busy machine,
@@ -68,6 +55,15 @@ class _Watcher:
     def close(self) -> None:
         if self.storage is not None:
             self.storage.engine.dispose()
+
+
+def _trials(url: str) -> list[FrozenTrial]:
+    """One look at the sweep's trials ([] before the launcher made the study)."""
+    watcher = _Watcher(url)
+    try:
+        return watcher.trials()
+    finally:
+        watcher.close()
 
 
 def _wait_for(url: str, found: Callable[[FrozenTrial], bool], launcher: subprocess.Popen[str],

@@ -19,6 +19,7 @@ the objective reports, prunes and saves), and asks them after every step whether
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -174,7 +175,8 @@ def train(
     tokenizer: Any = None,
 ) -> LoopResult:
     try:
-        return _train(adapter, data, hyper, settings, hooks, resume, lm_head, tokenizer)
+        with attention_kernels():
+            return _train(adapter, data, hyper, settings, hooks, resume, lm_head, tokenizer)
     finally:
         prefix.release()  # this trial's cached features may now make room for another's
 
@@ -342,7 +344,7 @@ def evaluate(
     adapter.eval()
     predictions, labels = [], []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    with _autocast(device, bf16):
+    with attention_kernels(), _autocast(device, bf16):
         for indices in evaluation_batches(split.lengths(), max(batch_size, 64)):
             batch = split.batch(indices, device)
             if store is not None and start > 0:
@@ -500,6 +502,21 @@ def _autocast(device: torch.device, bf16: bool) -> Any:
     if _autocast_dtype(device, bf16) is not None:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
+
+
+def attention_kernels() -> contextlib.AbstractContextManager[Any]:
+    """Scaled-dot-product attention by any kernel but cuDNN's, for as long as it is open.
+
+    cuDNN's attention builds an execution plan for every new input shape, at a cost of
+    milliseconds to seconds of host time, and length-bucketed batches bring a new shape with
+    almost every batch. On an H100 (torch 2.11, MiniLM-L6, batch 32) it held sweeper's loop to
+    191 samples/s, 17 of its 21 host seconds in cuDNN's attention; without it, 964
+    (bench/README.md). Flash, memory-efficient and math kernels need no plan. On a CPU, where
+    cuDNN never runs, nothing changes.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _sync(device: torch.device) -> None:

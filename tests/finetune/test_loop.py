@@ -117,3 +117,16 @@ def test_prefetching_batches_on_a_thread_changes_nothing(data, model_cache: Path
     assert first.history == second.history
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+
+
+def test_training_and_evaluation_never_let_attention_run_on_cudnn(data, model_cache: Path) -> None:  # type: ignore[no-untyped-def]
+    # cuDNN's attention plans every new batch shape anew, and bucketed batches have many
+    # shapes: on an H100 it held the loop to a fifth of its speed (bench/README.md). The
+    # backend flags are process-wide, so they are read where attention runs: inside a block.
+    adapter = _model(model_cache)
+    seen: list[bool] = []
+    adapter.blocks[-1].register_forward_pre_hook(lambda module, args: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    train(adapter, data, Hyper(learning_rate=2e-3, batch_size=16), _settings(epochs=1, evals_per_epoch=1))
+    assert seen and not any(seen)  # training steps and the evaluation alike
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # given back as it was once the trial ends

@@ -10,10 +10,11 @@ the frozen-prefix cache plays no part):
 
 - ``Trainer`` with inputs padded to 128 tokens (``run_glue.py``'s default): the baseline;
 - ``Trainer`` with dynamic padding (``DataCollatorWithPadding``);
-- sweeper's loop (length-bucketed batches, no per-step device synchronisation, batches
-  prefetched on a thread on CUDA);
-- sweeper's loop checking the loss after every step and without prefetching: about the loop
-  before issue 7, to show what the removed synchronisations were worth.
+- sweeper's loop as a trial runs it (length-bucketed batches, the loss checked for NaN every
+  32 steps rather than after each, so the host does not wait for the device every step);
+- the same with the next batch padded and copied on a thread during the step (``prefetch``:
+  the default until the first GPU run showed it slower, see bench/README.md);
+- the same checking the loss after every step: what the removed synchronisations are worth.
 
 Samples per second count training only (each contender's own clock around its training
 loop; evaluation excluded), and every ratio is against ``Trainer`` padded to 128 measured in
@@ -124,7 +125,8 @@ def main() -> None:
                 "Trainer, padded to 128": (trainer_trial, {"pad_to_128": True}),
                 "Trainer, dynamic padding": (trainer_trial, {"pad_to_128": False}),
                 "sweeper": (sweeper_trial, {}),
-                "sweeper, loss checked every step, no prefetch": (sweeper_trial, {"check_every_steps": 1, "prefetch": False}),
+                "sweeper, batches prefetched on a thread": (sweeper_trial, {"prefetch": True}),
+                "sweeper, loss checked every step": (sweeper_trial, {"check_every_steps": 1}),
             }
             # Not counted: the first trial on a device pays for its libraries' set-up.
             sweeper_trial(path, train_rows[:256], eval_rows[:64], device, args.batch_size, workdir)

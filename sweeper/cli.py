@@ -303,10 +303,11 @@ def _examples(*lines: str) -> str:
 
 
 def _add_study(p: argparse.ArgumentParser, storage: bool = True) -> None:
-    p.add_argument("study", help="path of the study file, e.g. studies/quickstart.py")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a study value (repeatable): epochs=1, model=PATH, data.max_length=64, "
-                        "space.learning_rate=1e-5..1e-3")
+    # nargs="?": a study path that a --set before it took in is found again in main().
+    p.add_argument("study", nargs="?", help="path of the study file, e.g. studies/quickstart.py")
+    p.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
+                   help="override study values, several after one --set or one --set each: epochs=1, "
+                        "model=PATH, data.max_length=64, space.learning_rate=1e-5..1e-3")
     if storage:
         p.add_argument("--storage", metavar="URL",
                        help="storage URL (default: $SWEEPER_STORAGE, the study's, or SQLite in its output folder)")
@@ -496,12 +497,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _find_study(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """``--set a=1 studies/x.py`` hands the study path to --set: take it back from there."""
+    paths = [value for value in args.set or [] if "=" not in value]
+    if len(paths) != 1:
+        parser.error(f"`sweeper {args.command}` needs the study file, e.g. "
+                     f"`sweeper {args.command} studies/quickstart.py --set epochs=1`")
+    args.study = paths[0]
+    args.set.remove(paths[0])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    if hasattr(args, "study") and args.study is None:
+        _find_study(args, parser)
     if args.command not in ("_work",):
         _setup_logging(getattr(args, "verbose", 0))
     try:

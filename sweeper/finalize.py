@@ -17,7 +17,7 @@ from typing import Any
 import optuna
 import torch
 
-from sweeper import checkpoints
+from sweeper import checkpoints, space
 from sweeper.errors import SweepError
 from sweeper.storage import open_storage, retrying
 from sweeper.study import Sweep
@@ -85,6 +85,12 @@ def finish(sweep: Sweep, url: str, say: Callable[[str], None] = logger.info) -> 
             return
         record_test(study, best.number, scores, sweep.metric)
     say(f"best trial {best.number}: validation {sweep.metric} {best.value:.4f}, "
-        f"held-out test {sweep.metric} {scores[sweep.metric]:.4f}; params {best.params}")
+        f"held-out test {sweep.metric} {scores[sweep.metric]:.4f}; params {_resolved_params(sweep, best)}")
     if hasattr(storage, "engine"):  # a grpc:// storage (sweeper proxy) has no pool to give back
         storage.engine.dispose()
+
+
+def _resolved_params(sweep: Sweep, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """The trial's values in the space's order, constants too: Optuna records searched ones only."""
+    return {name: trial.params.get(name, value) for name, value in sweep.space.items()
+            if name in trial.params or not space.is_distribution(value)}

@@ -18,6 +18,8 @@ def test_quickstart_launch_completes_and_prunes_through_the_real_cli(tmp_path: P
     launched = run_cli("launch", QUICKSTART, "--workers", "2", "--set", out)
     assert launched.returncode == 0, launched.stderr[-2000:]
     assert "best trial" in launched.stderr and "held-out test accuracy" in launched.stderr
+    best_line = next(line for line in launched.stderr.splitlines() if line.startswith("best trial"))
+    assert "'learning_rate'" in best_line and "'batch_size': 32" in best_line  # searched and constant values
     status = run_cli("status", QUICKSTART, "--set", out, "--json")
     assert status.returncode == 0, status.stderr
     summary = json.loads(status.stdout)
@@ -39,6 +41,16 @@ def test_validate_samples_the_space_without_training(tmp_path: Path) -> None:
     assert not (tmp_path / "study.db").exists()
 
 
+@pytest.mark.parametrize("before", [False, True])
+def test_one_set_takes_several_values_before_or_after_the_study(tmp_path: Path, before: bool) -> None:
+    # The README's form: `--set model=... data=...`; a study path after them is still the study.
+    values = ["--set", f"output_dir={tmp_path}", "epochs=3", "space.unfreeze_depth=1"]
+    result = run_cli("validate", *(values + [QUICKSTART] if before else [QUICKSTART] + values))
+    assert result.returncode == 0, result.stderr
+    assert "3 epochs" in result.stdout and '"unfreeze_depth": 1' in result.stdout
+    assert str(tmp_path) in result.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["validate", "studies/nope.py"], "does not exist"),
     (["validate", QUICKSTART, "--set", "epoch=2", "--set", "pruner=x"], "2 problems"),
@@ -46,6 +58,7 @@ def test_validate_samples_the_space_without_training(tmp_path: Path) -> None:
     (["status", QUICKSTART, "--set", "output_dir=/tmp/sweeper-never-launched"], "sweeper launch"),
     (["launch", QUICKSTART, "--storage", "postgresql+psycopg2://u:hunter2@127.0.0.1:1/x"], "cannot reach"),
     (["launch", QUICKSTART, "--storage", "nosuchdb://x"], "not one SQLAlchemy understands"),
+    (["validate", "--set", "epochs=1"], "needs the study file"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args: list[str], message: str) -> None:
     result = run_cli(*args)

@@ -97,7 +97,9 @@ class LoopSettings:
     prefix_cache_dtype: str = "auto"  # auto (fp32, or bf16 under bf16 autocast), float32, bfloat16, float16
     prefix_cache_gib: float = 4.0  # memory the cached features of one worker process may take, GiB
     check_every_steps: int = 32  # steps between NaN/inf checks of the loss (each waits for the device), 1..1000
-    prefetch: bool | None = None  # pad the next batch on a thread during the step; None = on CUDA only
+    # Pad the next batch on a thread during the step. Off by default: on an H100 the thread's
+    # share of the GIL cost the launch-bound loop 13-15% (bench/README.md, throughput).
+    prefetch: bool = False
 
 
 @dataclass
@@ -235,13 +237,12 @@ def _train(
     last_log, last_pretrain = time.perf_counter(), None
     losses_seen = _LossWatch(hyper, max(1, settings.check_every_steps))
     lengths = data.train.lengths()
-    prefetch = settings.prefetch if settings.prefetch is not None else device.type == "cuda"
     segment = time.perf_counter()  # training time is taken between evaluation points
     freeze.set_train_mode(adapter, depth)
     while step < total_steps:
         epoch, offset = divmod(step, batches_per_epoch)
         order = training_batches(lengths, hyper.batch_size, seed=settings.seed * 1_000_003 + epoch)
-        for indices, ready in _batches(data.train, order[offset:], device, prefetch):
+        for indices, ready in _batches(data.train, order[offset:], device, settings.prefetch):
             torch.manual_seed(settings.seed * 1_000_003 + step)  # dropout: the same on a resume
             batch = ready if ready is not None else data.train.batch(indices, device)
             with autocast:

@@ -76,6 +76,7 @@ class Objective:
         self.device = torch.device(worker.device)
         self._data: PreparedData | None = None
         self._tokenizer: Any = None
+        self.timings: dict[str, float] = {}  # the running trial's, as of its last evaluation point
 
     # ------------------------------------------------------------------ shared state
 
@@ -93,9 +94,11 @@ class Objective:
         set_attr("device", self.worker.device if self.worker.physical_gpu is None
                  else f"cuda (GPU {self.worker.physical_gpu})")
         set_attr("devices", 1)
+        self.timings = {}
         try:
             value, result_attrs = self._train(trial, set_attr)
         except optuna.TrialPruned as exc:
+            self._record_timings(set_attr)
             self._finish(trial, set_attr, started)
             return Outcome(optuna.trial.TrialState.PRUNED, reason=str(exc) or None)
         except Preempted as exc:
@@ -107,17 +110,24 @@ class Objective:
             return Outcome(optuna.trial.TrialState.FAIL, reason="failed by another process (stale heartbeat)")
         except (SweepError, torch.cuda.OutOfMemoryError, MemoryError) as exc:
             reason = _one_line(exc, trial)
+            self._record_timings(set_attr)
             self._finish(trial, set_attr, started, reason=reason)
             return Outcome(optuna.trial.TrialState.FAIL, reason=reason)
         except Exception as exc:  # a bug or an unexpected library error: fail this trial only
             logger.exception("trial %d raised", trial.number)
             reason = _one_line(exc, trial)
+            self._record_timings(set_attr)
             self._finish(trial, set_attr, started, reason=reason)
             return Outcome(optuna.trial.TrialState.FAIL, reason=reason)
         for key, val in result_attrs.items():
             set_attr(key, val)
         self._finish(trial, set_attr, started)
         return Outcome(optuna.trial.TrialState.COMPLETE, value=value)
+
+    def _record_timings(self, set_attr: Any) -> None:
+        """A trial that ends early keeps the timings of its last evaluation point."""
+        for key, value in self.timings.items():
+            set_attr(key, value)
 
     def _finish(self, trial: optuna.Trial, set_attr: Any, started: float, reason: str | None = None) -> None:
         set_attr(budget.USER_GPU_SECONDS, round(time.time() - started, 3))
@@ -240,6 +250,12 @@ class _TrialHooks(Hooks):
             checkpoints.save_resume(self.objective.store, trial, snapshot())
         except checkpoints.StoreError as exc:  # a full disk must not kill the trial; it just loses its resume point
             logger.warning("trial %d: cannot save its resume state (%s)", trial.number, exc)
+
+    def timed(self, train_seconds: float, eval_seconds: float, samples: int) -> None:
+        self.objective.timings = {
+            "train_seconds": round(train_seconds, 3), "eval_seconds": round(eval_seconds, 3),
+            "samples_per_second": round(samples / train_seconds, 1) if train_seconds > 0 else 0.0,
+        }
 
     def should_stop(self) -> bool:
         return self.objective.stop.is_set()

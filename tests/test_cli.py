@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import optuna
 import pytest
 
 from tests.helpers import ROOT, run_cli
@@ -30,6 +31,10 @@ def test_quickstart_launch_completes_and_prunes_through_the_real_cli(tmp_path: P
     # (tests/finetune/test_loop.py checks learning itself); here: the figures are recorded.
     assert 0.0 <= summary["best"]["value"] <= 1.0
     assert 0.0 <= summary["best"]["test"]["value"] <= 1.0  # held-out figure, best trial only
+    pruned = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{tmp_path / 'study.db'}").get_trials(
+        states=[optuna.trial.TrialState.PRUNED])
+    assert pruned and all(t.user_attrs["train_seconds"] > 0 and t.user_attrs["samples_per_second"] > 0
+                          for t in pruned)  # a pruned trial keeps the timings of its last evaluation
     table = run_cli("status", QUICKSTART, "--set", out)
     assert f"trial {summary['best']['number']}" in table.stdout
 

@@ -153,6 +153,10 @@ class Hooks:
     def stopped(self, state: TrainState) -> None:
         """The loop was asked to stop; ``state`` resumes it."""
 
+    def timed(self, train_seconds: float, eval_seconds: float, samples: int) -> None:
+        """The time spent so far, told at every evaluation point before ``evaluated``: a
+        trial pruned there still has its timings."""
+
     def progress(self, message: str) -> None:
         logger.info(message)
 
@@ -276,6 +280,7 @@ def _train(
                                   hyper.batch_size, start=start, store=caches.prefix_validation)
                 freeze.set_train_mode(adapter, depth)
                 eval_seconds += time.perf_counter() - tick
+                hooks.timed(train_seconds, eval_seconds, samples)
                 value = scores[settings.metric]
                 state.evaluations += 1
                 state.history.append((state.evaluations, value))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import sqlite3
 import sys
@@ -44,7 +45,7 @@ SQLITE_BUSY_TIMEOUT_S = 600.0  # a writer waits this long for the lock before fa
 HEARTBEAT_INTERVAL_S = 20  # a running trial's worker writes a heartbeat this often
 GRACE_PERIOD_S = 120  # a trial whose heartbeat is older than this is failed and retried
 GRPC_CONNECT_TIMEOUT_S = 60.0  # how long opening a grpc:// storage waits for `sweeper proxy`
-SCHEMA_RACE_ATTEMPTS = 5  # opening a new database while another process creates its tables
+SCHEMA_RACE_ATTEMPTS = 8  # opening a new database while another process creates its tables
 
 T = TypeVar("T")
 
@@ -172,7 +173,7 @@ def open_storage(
             # alembic stamp; the losers see "already exists". The winner's tables are there
             # a moment later: open again.
             if attempt + 1 < SCHEMA_RACE_ATTEMPTS and _lost_schema_race(exc):
-                time.sleep(0.2 * (attempt + 1))
+                time.sleep(0.2 * (attempt + 1) * (1 + random.random()))  # jitter: losers apart
                 continue
             raise explain(exc, url) from None
     if is_sqlite(url):
@@ -207,6 +208,11 @@ def _open_grpc(url: str) -> optuna.storages.BaseStorage:
 
 def _lost_schema_race(exc: BaseException) -> bool:
     text = str(exc).lower()
+    if isinstance(exc, sqlalchemy.exc.OperationalError) and "database is locked" in text:
+        # SQLite: the set-up reads the schema, then writes; a read transaction that another
+        # process wrote behind cannot wait to become a writer, so SQLite refuses it at once
+        # instead of waiting out the busy timeout.
+        return True
     return isinstance(exc, (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError)) and (
         "already exists" in text or "duplicate key" in text)
 

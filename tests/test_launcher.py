@@ -86,10 +86,11 @@ def _wait_for(url: str, found: Callable[[FrozenTrial], bool], launcher: subproce
 
 
 def _mid_training(trial: FrozenTrial) -> bool:
-    """Running, with a resume point saved (at least one evaluation done), not the last one."""
+    """Running, with a resume point saved (at least one evaluation done), in its first half:
+    on a loaded machine the signal may land a few evaluations after the trial was seen."""
     progress = trial.user_attrs.get("progress", {})
     return (trial.state == TrialState.RUNNING and checkpoints.USER_RESUME in trial.user_attrs
-            and progress.get("evaluation", 99) < 6)
+            and progress.get("evaluation", 99) <= 4)
 
 
 def _retry_of(trials: list[FrozenTrial], number: int) -> FrozenTrial:

@@ -89,10 +89,21 @@ def _closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module", params=["folder", "s3"])
+_SWEPT: dict[str, Swept] = {}
+
+
+@pytest.fixture(params=["folder", "s3"])
 def swept(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Swept:
     """A finished sweep of 4 trials that keeps 2 checkpoints, with one worker so that the
-    keep-top-k of the worker itself (not only the one at the end) has trials to remove."""
+    keep-top-k of the worker itself (not only the one at the end) has trials to remove.
+    Run once per store kind and process: xdist may interleave the two kinds' tests, which
+    would tear a module-scoped fixture down and run its sweep again."""
+    if request.param not in _SWEPT:
+        _SWEPT[request.param] = _sweep(request, tmp_path_factory)
+    return _SWEPT[request.param]
+
+
+def _sweep(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Swept:
     folder = tmp_path_factory.mktemp(f"swept-{request.param}")
     study = write_study(folder, TINY_STUDY)
     args = ["launch", str(study), "--workers", "1", "--keep", str(KEEP), "--set", "pruner=none"]

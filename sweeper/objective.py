@@ -98,7 +98,6 @@ class Objective:
         try:
             value, result_attrs = self._train(trial, set_attr)
         except optuna.TrialPruned as exc:
-            self._record_timings(set_attr)
             self._finish(trial, set_attr, started)
             return Outcome(optuna.trial.TrialState.PRUNED, reason=str(exc) or None)
         except Preempted as exc:
@@ -110,27 +109,24 @@ class Objective:
             return Outcome(optuna.trial.TrialState.FAIL, reason="failed by another process (stale heartbeat)")
         except (SweepError, torch.cuda.OutOfMemoryError, MemoryError) as exc:
             reason = _one_line(exc, trial)
-            self._record_timings(set_attr)
             self._finish(trial, set_attr, started, reason=reason)
             return Outcome(optuna.trial.TrialState.FAIL, reason=reason)
         except Exception as exc:  # a bug or an unexpected library error: fail this trial only
             logger.exception("trial %d raised", trial.number)
             reason = _one_line(exc, trial)
-            self._record_timings(set_attr)
             self._finish(trial, set_attr, started, reason=reason)
             return Outcome(optuna.trial.TrialState.FAIL, reason=reason)
         for key, val in result_attrs.items():
-            set_attr(key, val)
-        self._finish(trial, set_attr, started)
+            set_attr(key, val)  # the timings of the whole trial among them
+        self._finish(trial, set_attr, started, ended_early=False)
         return Outcome(optuna.trial.TrialState.COMPLETE, value=value)
 
-    def _record_timings(self, set_attr: Any) -> None:
-        """A trial that ends early keeps the timings of its last evaluation point."""
-        for key, value in self.timings.items():
-            set_attr(key, value)
-
-    def _finish(self, trial: optuna.Trial, set_attr: Any, started: float, reason: str | None = None) -> None:
+    def _finish(self, trial: optuna.Trial, set_attr: Any, started: float, reason: str | None = None,
+                ended_early: bool = True) -> None:
         set_attr(budget.USER_GPU_SECONDS, round(time.time() - started, 3))
+        if ended_early:  # pruned or failed: the timings as of its last evaluation point
+            for key, value in self.timings.items():
+                set_attr(key, value)
         if reason:
             set_attr("fail_reason", reason)
         checkpoints.remove_resume(self.store, trial)

@@ -53,6 +53,9 @@ DEFAULT_PORT = 13000  # Optuna's default for the proxy
 DEFAULT_THREADS = 8  # gRPC handler threads; each busy one holds one database connection
 DEFAULT_MAX_RETRIES = 3  # for a study recorded without its configuration (Sweep.max_retries)
 STOP_GRACE_S = 10.0  # on SIGTERM, how long the calls in flight get to finish
+# A fixed pool, kept open: overflow connections would be opened and closed again under load,
+# and closing ones linger on the server while new ones start. Handler threads beyond it wait.
+PROXY_POOL_SIZE = 6
 
 
 def sweeper_studies(storage: optuna.storages.BaseStorage) -> list[str]:
@@ -123,7 +126,8 @@ def serve(url: str, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, grace:
     except ImportError:
         raise SweepError("`sweeper proxy` needs grpcio: pip install 'sweeper[proxy]'") from None
     # No native heartbeat here: its workers cannot write one (see the module docstring).
-    rdb = open_storage(url, heartbeat_interval=None, grace_period=None, create_tables=True)
+    rdb = open_storage(url, heartbeat_interval=None, grace_period=None, create_tables=True,
+                       pool=(PROXY_POOL_SIZE, 0))
     if not isinstance(rdb, optuna.storages.RDBStorage):
         raise SweepError(f"the proxy's --storage {mask(url)} is not a database: use "
                          "postgresql+psycopg2://USER:PASSWORD@HOST:5432/DB")

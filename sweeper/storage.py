@@ -114,7 +114,7 @@ def _sqlite_creator(path: str) -> Callable[[], sqlite3.Connection]:
     return connect
 
 
-def engine_kwargs(url: str) -> dict[str, Any]:
+def engine_kwargs(url: str, pool: tuple[int, int] | None = None) -> dict[str, Any]:
     if is_sqlite(url):
         path = url.split("sqlite:///", 1)[1] if "sqlite:///" in url else ":memory:"
         if path != ":memory:":
@@ -124,8 +124,8 @@ def engine_kwargs(url: str) -> dict[str, Any]:
         return {
             "pool_pre_ping": True,  # replace connections the server or a firewall dropped
             "pool_recycle": 300,
-            "pool_size": 2,
-            "max_overflow": 4,
+            "pool_size": pool[0] if pool else 2,
+            "max_overflow": pool[1] if pool else 4,
             "pool_timeout": 60,
             "connect_args": {
                 "connect_timeout": 10,
@@ -146,10 +146,12 @@ def open_storage(
     grace_period: int | None = GRACE_PERIOD_S,
     stale_trial_callback: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
     create_tables: bool = True,
+    pool: tuple[int, int] | None = None,
 ) -> optuna.storages.BaseStorage:
     """An Optuna storage for ``url``, or a :class:`SweepError` that says what is wrong.
 
     Build it inside the process that uses it: pooled connections must not cross ``fork``.
+    ``pool`` is (size, overflow) for a PostgreSQL engine, in place of a worker's small one.
     """
     if url.startswith("grpc://"):
         return _open_grpc(url)
@@ -160,7 +162,7 @@ def open_storage(
         try:
             storage = optuna.storages.RDBStorage(
                 url,
-                engine_kwargs=engine_kwargs(url),
+                engine_kwargs=engine_kwargs(url, pool),
                 heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period,
                 heartbeat_stale_trial_callback=stale_trial_callback,

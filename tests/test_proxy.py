@@ -24,6 +24,7 @@ import pytest
 from optuna.trial import TrialState
 
 from sweeper import budget, liveness, storage
+from sweeper import proxy as proxy_module
 from sweeper.errors import SweepError
 from sweeper.worker import claim
 from tests.helpers import ROOT, TINY_STUDY, ConnectionCounter, run_cli, write_study
@@ -161,8 +162,8 @@ def test_32_workers_through_the_proxy_finish_the_budget_exactly_on_a_few_connect
     # Most workers ran a trial: the proxy served them at once, not one after another.
     assert len({t.user_attrs[liveness.USER_PID] for t in trials}) >= n_workers // 2
     # Direct to PostgreSQL, each worker holds about 2 connections (64 here); the proxy holds
-    # its pool (at most 2 + 4 overflow) whatever the number of workers.
-    assert 1 <= connections.peak <= 6, connections.samples
+    # its fixed pool whatever the number of workers.
+    assert 1 <= connections.peak <= proxy_module.PROXY_POOL_SIZE == 6, connections.samples
     print(f"\n32 workers, {n_trials} trials in {elapsed:.1f}s through the proxy; PostgreSQL "
           f"connections: peak {connections.peak}")
 

@@ -158,17 +158,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.device_arg(parser)
     parser.add_argument("--workers-per-gpu", default=None, help="comma-separated K values (default 1,2,4,6 on cuda, 1,2 on cpu)")
-    parser.add_argument("--samples", type=int, help="training sentences per trial (default 20,000 on cuda, 256 on cpu)")
+    parser.add_argument("--samples", type=int, help="training sentences per trial (default 10,000 on cuda, 256 on cpu)")
     parser.add_argument("--eval-samples", type=int, help="SST-2 validation sentences (default all 872 on cuda, 128 on cpu)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per trial (default 2 on cuda, 1 on cpu)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per trial (default 1)")
     parser.add_argument("--repeats", type=int, default=None, help="times each depth 0..6 is in the mix (default 2 on cuda, 1 on cpu)")
     args = parser.parse_args()
     device = common.resolve_device(args.device, args.threads)
     common.quiet()
     gpu = device == "cuda"
-    args.samples = args.samples or (20_000 if gpu else 256)
+    args.samples = args.samples or (10_000 if gpu else 256)
     args.eval_samples = args.eval_samples or (None if gpu else 128)
-    args.epochs = args.epochs or (2 if gpu else 1)
+    args.epochs = args.epochs or 1
     trials = mix(args.repeats or (2 if gpu else 1))
     ks = [int(k) for k in (args.workers_per_gpu or ("1,2,4,6" if gpu else "1,2")).split(",")]
     print(f"{len(trials)} trials (depths {DEPTHS}), {args.samples} sentences x {args.epochs} epochs each, "

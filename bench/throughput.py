@@ -2,7 +2,7 @@
 
     python bench/throughput.py                      # GPU-sized where there is a GPU, else CPU-sized
     python bench/throughput.py --device cpu         # CPU-sized: 512 SST-2 sentences, MiniLM only
-    python bench/throughput.py --device cuda --models minilm,bert-base   # all of SST-2 train
+    python bench/throughput.py --device cuda --models minilm,bert-base   # 20,000 sentences; --samples 0: all
 
 Same model, same sentences, same batch size (32), same device and precision (bf16 autocast on
 a GPU, fp32 on a CPU), one epoch each, full fine-tuning (``unfreeze_depth`` = all blocks, so
@@ -98,7 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.device_arg(parser)
     parser.add_argument("--models", help="comma-separated: minilm, bert-base (default: both on cuda, minilm on cpu)")
-    parser.add_argument("--samples", type=int, help="training sentences (default: all 67,349 on cuda, 512 on cpu)")
+    parser.add_argument("--samples", type=int, help="training sentences (default 20,000 on cuda, 512 on cpu; 0 = all 67,349)")
     parser.add_argument("--eval-samples", type=int, help="SST-2 validation sentences scored after training "
                                                           "(default: all 872 on cuda, 256 on cpu)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -108,7 +108,7 @@ def main() -> None:
     common.quiet()
     gpu = device == "cuda"
     models = (args.models or ("minilm,bert-base" if gpu else "minilm")).split(",")
-    samples = args.samples or (None if gpu else 512)
+    samples = (args.samples or None) if args.samples is not None else (20_000 if gpu else 512)
     train_rows = common.read_sst2("train", samples, seed=0)
     eval_rows = common.read_sst2("validation", args.eval_samples or (None if gpu else 256))
     print(f"{len(train_rows)} training sentences, batch {args.batch_size}, 1 epoch, full fine-tuning, "

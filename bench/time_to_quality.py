@@ -2,7 +2,7 @@
 
     python bench/time_to_quality.py                          # GPU-sized where there is a GPU
     python bench/time_to_quality.py --device cuda --workers-per-gpu 6
-    python bench/time_to_quality.py --device cuda --full-train --budget 540
+    python bench/time_to_quality.py --device cuda --full-train --budget 300
     python bench/time_to_quality.py --device cpu             # CPU-sized: 800 sentences, 150 s each
     python bench/time_to_quality.py --part baseline --json base.json      # the two halves apart, for
     python bench/time_to_quality.py --part sweep --baseline-json base.json  # a 10-minute command limit

@@ -52,7 +52,7 @@ def _data(samples: int, eval_samples: int | None) -> tuple[list, list]:
 
 
 def sweeper_worker(queue: Any, results: Any, ready: Any, go: Any, device: str, samples: int,
-                   eval_samples: int | None, epochs: int, threads: int) -> None:
+                   eval_samples: int | None, epochs: int, threads: int, compile_blocks: bool) -> None:
     """One packed worker: trials from ``queue`` until it is empty, with one cache for all."""
     common.quiet()
     import torch
@@ -81,7 +81,7 @@ def sweeper_worker(queue: Any, results: Any, ready: Any, go: Any, device: str, s
             torch.manual_seed(0)
             adapter = spec.build(2, Path(tmp))
             settings = LoopSettings(epochs=epochs, metric="accuracy", direction="maximize",
-                                    device=torch.device(device), seed=0)
+                                    device=torch.device(device), seed=0, compile=compile_blocks)
             result = train(adapter, data, Hyper(learning_rate=item["learning_rate"], batch_size=32,
                                                 unfreeze_depth=item["depth"]), settings)
             results.put({**item, "accuracy": result.best_value, "epochs": epochs, "finished": time.time()})
@@ -94,7 +94,7 @@ def run_sweeper(workers: int, trials: list[dict[str, Any]], args: argparse.Names
         queue.put(item)
     ready, go = ctx.Semaphore(0), ctx.Event()
     procs = [ctx.Process(target=sweeper_worker, args=(queue, results, ready, go, device, args.samples,
-                                                      args.eval_samples, args.epochs, args.threads))
+                                                      args.eval_samples, args.epochs, args.threads, args.compile))
              for _ in range(workers)]
     for p in procs:
         p.start()
@@ -162,6 +162,8 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, help="SST-2 validation sentences (default all 872 on cuda, 128 on cpu)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per trial (default 1)")
     parser.add_argument("--repeats", type=int, default=None, help="times each depth 0..6 is in the mix (default 2 on cuda, 1 on cpu)")
+    parser.add_argument("--compile", action="store_true",
+                        help="sweeper's trials with compile=True (each worker's first trial pays the compiler, on the clock)")
     args = parser.parse_args()
     device = common.resolve_device(args.device, args.threads)
     common.quiet()
@@ -179,7 +181,8 @@ def main() -> None:
     rows.append({"contender": "Trainer, one at a time, padded to 128", **base})
     for k in ks:
         figures = run_sweeper(k, trials, args, device)
-        rows.append({"contender": f"sweeper, {k} worker{'s' if k > 1 else ''} per GPU", **figures})
+        label = f"sweeper, {k} worker{'s' if k > 1 else ''} per GPU" + (", compiled" if args.compile else "")
+        rows.append({"contender": label, **figures})
     for row in rows:
         row["trial-epochs/GPU-hour"] = row["trial_epochs"] / (row["wall_s"] / 3600)
         row["x Trainer"] = row["trial-epochs/GPU-hour"] / rows[0]["trial-epochs/GPU-hour"]

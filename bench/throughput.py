@@ -14,7 +14,13 @@ the frozen-prefix cache plays no part):
   32 steps rather than after each, so the host does not wait for the device every step);
 - the same with the next batch padded and copied on a thread during the step (``prefetch``:
   the default until the first GPU run showed it slower, see bench/README.md);
-- the same checking the loss after every step: what the removed synchronisations are worth.
+- the same checking the loss after every step: what the removed synchronisations are worth;
+- the same with ``compile=True``: the trainable blocks through ``torch.compile`` (inductor),
+  measured after a compiled warm-up trial in the same process, as every trial of a worker
+  after its first runs; the warm-up's own time (the compiler's, paid once per worker
+  process, less where its on-disk cache already holds the code) is printed beside it;
+- on a GPU, the same compiled blocks replayed as CUDA graphs (inductor's ``reduce-overhead``
+  mode: one recording per batch shape), the launch overhead's last part.
 
 Samples per second count training only (each contender's own clock around its training
 loop; evaluation excluded), and every ratio is against ``Trainer`` padded to 128 measured in
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -127,9 +134,20 @@ def main() -> None:
                 "sweeper": (sweeper_trial, {}),
                 "sweeper, batches prefetched on a thread": (sweeper_trial, {"prefetch": True}),
                 "sweeper, loss checked every step": (sweeper_trial, {"check_every_steps": 1}),
+                "sweeper, compiled": (sweeper_trial, {"compile": True}),
             }
-            # Not counted: the first trial on a device pays for its libraries' set-up.
+            if device == "cuda":  # CUDA graphs exist on GPUs only
+                contenders["sweeper, compiled with CUDA graphs"] = (
+                    sweeper_trial, {"compile": True, "compile_mode": "reduce-overhead"})
+            # Not counted: the first trial on a device pays for its libraries' set-up, and the
+            # first compiled one for the compiler.
             sweeper_trial(path, train_rows[:256], eval_rows[:64], device, args.batch_size, workdir)
+            warm_up = time.perf_counter()
+            sweeper_trial(path, train_rows[:256], eval_rows[:64], device, args.batch_size, workdir, compile=True)
+            compile_seconds = time.perf_counter() - warm_up
+            if device == "cuda":
+                sweeper_trial(path, train_rows[:256], eval_rows[:64], device, args.batch_size, workdir,
+                              compile=True, compile_mode="reduce-overhead")
             best: dict[str, dict[str, Any]] = {}
             for _ in range(args.repeats):  # interleaved, so a busy moment hurts every contender alike
                 for label, (run, options) in contenders.items():
@@ -141,7 +159,9 @@ def main() -> None:
                      "accuracy": f["accuracy"]} for label, f in best.items()]
             print(f"\n{name} ({path.name})")
             print(common.table(rows, ["contender", "samples/s", "x Trainer padded", "accuracy"]))
+            print(f"compiled warm-up trial (256 sentences, the compiler's work included): {compile_seconds:.1f} s")
             results["models"][name] = rows
+            results.setdefault("compile_warm_up_s", {})[name] = compile_seconds
     common.finish(args, results)
 
 

@@ -150,6 +150,8 @@ def sweep(rows: list, eval_rows: list, args: argparse.Namespace, device: str, wo
     command = [sys.executable, "-m", "sweeper", "launch", str(path), "--workers", str(workers)]
     if device == "cuda":
         command += ["--workers-per-gpu", str(workers), "--gpus", "0"]
+    if args.compile:
+        command += ["--set", "compile=true"]
     env = {**os.environ, "SWEEPER_THREADS": str(args.threads)}
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -187,6 +189,7 @@ def main() -> None:
     parser.add_argument("--n-trials", type=int, default=120, help="the sweep's trial budget (the time budget ends it first)")
     parser.add_argument("--validation-fraction", type=float, help="sweeper's own validation split (default 0.05; 0.1 on cpu)")
     parser.add_argument("--full-train", action="store_true", help="the sweep alone, on all of SST-2 train")
+    parser.add_argument("--compile", action="store_true", help="the sweep with compile=True (the compiler's time is on the clock)")
     parser.add_argument("--part", choices=("both", "baseline", "sweep"), default="both",
                         help="run one half only: the baseline (write it with --json) or the sweep")
     parser.add_argument("--baseline-json", metavar="FILE", help="with --part sweep: the baseline half's --json output")

@@ -166,7 +166,7 @@ class Objective:
         settings = LoopSettings(
             epochs=sweep.epochs, metric=sweep.metric, direction=sweep.direction, device=self.device,
             seed=seed, pretrain_loss=sweep.pretrain_loss, evals_per_epoch=sweep.evals_per_epoch,
-            eval_every_steps=sweep.eval_every_steps, bf16=sweep.bf16,
+            eval_every_steps=sweep.eval_every_steps, bf16=sweep.bf16, compile=sweep.compile,
         )
         hooks = _TrialHooks(self, trial, set_attr, sweep.max_evaluations)
         if resume is not None:

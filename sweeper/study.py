@@ -66,6 +66,7 @@ class Sweep:
     keep: int = 3  # checkpoints of the best k trials are kept, 1..1000
     max_retries: int = 3  # times a trial cut off by a dead or preempted worker is retried
     bf16: bool = True  # bf16 autocast on GPUs that support it
+    compile: bool = False  # the trainable blocks through torch.compile (finetune/compiled.py)
 
     # ------------------------------------------------------------------ derived values
 
@@ -163,6 +164,9 @@ class Sweep:
             p.append(f"`keep` is {self.keep!r}: keep at least the best trial's checkpoint (1)")
         if not _whole(self.max_retries) or self.max_retries < 0:
             p.append(f"`max_retries` is {self.max_retries!r}: use 0 or more")
+        for flag in ("bf16", "compile"):
+            if not isinstance(getattr(self, flag), bool):
+                p.append(f"`{flag}` is {getattr(self, flag)!r}: use True or False")
         if isinstance(self.space, dict):
             constants = {k: v for k, v in self.space.items() if k in HYPERPARAMETERS and not space_mod.is_distribution(v)}
             try:
@@ -331,6 +335,8 @@ def coerce(text: str, hint: Any, key: str) -> Any:
             return (value,)
         if dataclasses.is_dataclass(origin):
             raise ValueError(f"`{key}` is a group of settings: set its parts, e.g. `{key}.path=...`")
+    if bool in options:
+        raise ValueError(f"`{key}={text}`: expected bool, write {key}=true or {key}=false")
     expected = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     raise ValueError(f"`{key}={text}`: expected {expected}")
 

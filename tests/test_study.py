@@ -43,6 +43,17 @@ def test_invalid_values_are_all_listed(tmp_path: Path) -> None:
     assert "did you mean `dropout`" in text
 
 
+def test_switches_take_true_or_false_and_nothing_else(tmp_path: Path) -> None:
+    path = write_study(tmp_path, TINY_STUDY)
+    assert study_mod.load(path, ["compile=true", "bf16=false"]).compile is True
+    with pytest.raises(ConfigError) as caught:
+        study_mod.load(path, ["compile=fast"])
+    assert "`compile=fast`: expected bool, write compile=true or compile=false" in str(caught.value)
+    study = write_study(tmp_path, TINY_STUDY.replace("n_trials=", 'compile="yes", n_trials=', 1))
+    with pytest.raises(ConfigError, match="`compile` is 'yes': use True or False"):
+        study_mod.load(study)
+
+
 def test_model_and_data_shorthands(tmp_path: Path) -> None:
     path = write_study(tmp_path, TINY_STUDY)
     sweep = study_mod.load(path, [f"model={MINILM}", f"data={SST2}"])

@@ -9,8 +9,10 @@ What keeps the accelerator busy (issue 7): the frozen bottom of a trial below fu
 once per example, not once per epoch (``prefix.py``); the step never waits for the device
 (the loss is checked for NaN/inf every ``check_every_steps`` steps and at each evaluation,
 not after every step, and timings are taken at evaluation points only); on CUDA the next
-batch is padded and copied from pinned memory on a thread while the current step runs.
-None of these changes what is computed, only when and how often.
+batch can be padded and copied from pinned memory on a thread while the current step runs
+(``prefetch``, off by default). None of these changes what is computed, only when and how
+often. With ``compile``, the trainable blocks run through ``torch.compile`` (``compiled.py``),
+which changes float rounding and dropout's random draws, nothing else.
 
 The loop knows nothing of Optuna: it calls its :class:`Hooks` after every evaluation (where
 the objective reports, prunes and saves), and asks them after every step whether to stop
@@ -32,9 +34,9 @@ import numpy as np
 import torch
 
 from sweeper.errors import SweepError
-from sweeper.finetune import freeze, losses, metrics, prefix
+from sweeper.finetune import compiled, freeze, losses, metrics, prefix
 from sweeper.finetune.data import PreparedData, evaluation_batches, training_batches
-from sweeper.finetune.models import ModelAdapter
+from sweeper.finetune.models import BlockCall, ModelAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +102,10 @@ class LoopSettings:
     # Pad the next batch on a thread during the step. Off by default: on an H100 the thread's
     # share of the GIL cost the launch-bound loop 13-15% (bench/README.md, throughput).
     prefetch: bool = False
+    # The trainable blocks through torch.compile (compiled.py): fewer, fused kernels a step.
+    compile: bool = False
+    compile_backend: str = "inductor"  # compiled.BACKENDS; "aot_eager" traces without generating code
+    compile_mode: str | None = None  # compiled.MODES: "reduce-overhead" adds CUDA graphs (bench only)
 
 
 @dataclass
@@ -209,6 +215,8 @@ def _train(
     use_pretrain = settings.pretrain_loss != "none" and hyper.pretrain_loss_weight > 0
     autocast = _autocast(device, settings.bf16)
     caches = _Caches(adapter, data, start, settings, pretrain if use_pretrain else None)
+    call = (compiled.block_call(adapter, settings.compile_backend, settings.compile_mode)
+            if settings.compile else None)
 
     batches_per_epoch = math.ceil(len(data.train) / hyper.batch_size)
     total_steps = max(1, int(round(settings.epochs * batches_per_epoch)))
@@ -248,10 +256,12 @@ def _train(
         order = training_batches(lengths, hyper.batch_size, seed=settings.seed * 1_000_003 + epoch)
         for indices, ready in _batches(data.train, order[offset:], device, settings.prefetch):
             torch.manual_seed(settings.seed * 1_000_003 + step)  # dropout: the same on a resume
+            if call is not None:
+                compiled.step_begins(settings.compile_mode)
             batch = ready if ready is not None else data.train.batch(indices, device)
             with autocast:
                 logits, forward = forward_pass(adapter, batch, start, indices=indices,
-                                               store=caches.prefix_train)
+                                               store=caches.prefix_train, call=call)
                 task = losses.task_loss(logits, batch["labels"], hyper.label_smoothing)
                 if use_pretrain:
                     forward.teacher = caches.teacher(adapter, pretrain, forward, indices)
@@ -317,13 +327,15 @@ def _train(
 def forward_pass(
     adapter: ModelAdapter, batch: dict[str, torch.Tensor], start: int, *,
     indices: np.ndarray | None = None, store: prefix.FeatureStore | None = None,
+    call: BlockCall | None = None,
 ) -> tuple[torch.Tensor, losses.Pass]:
     """Logits, and what the pretraining terms reuse; blocks below ``start`` run without
     gradients (they are frozen, so nothing of them is needed for the backward pass).
 
     With a ``store`` (the frozen-prefix cache of the split ``indices`` index into), the
     frozen bottom's output is taken from it when it holds every example of the batch, and
-    stored for the new examples otherwise.
+    stored for the new examples otherwise. ``call`` runs each trainable block (the compiled
+    one of ``compiled.py``); the frozen bottom always runs eagerly.
     """
     if start == 0:
         hidden, context = adapter.embed(batch)
@@ -336,7 +348,7 @@ def forward_pass(
             hidden = adapter.run(hidden, context, adapter.blocks[:start])
         if store is not None and indices is not None:
             store.store(indices, hidden)
-    top = adapter.run(hidden, context, adapter.blocks[start:])
+    top = adapter.run(hidden, context, adapter.blocks[start:], call)
     return adapter.head(top, context), losses.Pass(batch, hidden, top, context)
 
 

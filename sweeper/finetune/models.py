@@ -28,7 +28,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- adapters
+
+
+class BlockCall(Protocol):
+    def __call__(self, block: nn.Module, hidden: torch.Tensor, context: Any) -> torch.Tensor: ...
 
 
 class ModelAdapter:
@@ -87,8 +91,26 @@ class ModelAdapter:
         come from the frozen-prefix cache instead of the stem (``prefix.py``)."""
         raise NotImplementedError
 
-    def run(self, hidden: torch.Tensor, context: Any, blocks: Iterable[nn.Module]) -> torch.Tensor:
-        """``blocks`` (a slice of ``self.blocks``, or copies of one), bottom to top."""
+    def run(
+        self, hidden: torch.Tensor, context: Any, blocks: Iterable[nn.Module], call: BlockCall | None = None
+    ) -> torch.Tensor:
+        """``blocks`` (a slice of ``self.blocks``, or copies of one), bottom to top; ``call``
+        runs each (``compiled.py`` passes its compiled one), by default :meth:`call_block`."""
+        call = call or self.call_block
+        for block in blocks:
+            hidden = call(block, hidden, context)
+        return hidden
+
+    @staticmethod
+    def call_block(block: nn.Module, hidden: torch.Tensor, context: Any) -> torch.Tensor:
+        """One block: a plain function of its arguments, so that one compiled copy serves
+        every block of every model of this kind."""
+        raise NotImplementedError
+
+    @staticmethod
+    def varying_dims(hidden: torch.Tensor, context: Any) -> Iterator[tuple[torch.Tensor, tuple[int, ...]]]:
+        """The inputs of :meth:`call_block` and which of their dimensions change from batch
+        to batch: the compiler builds one graph for all their sizes."""
         raise NotImplementedError
 
     def head(self, hidden: torch.Tensor, context: Any) -> torch.Tensor:
@@ -145,10 +167,15 @@ class TextAdapter(ModelAdapter):
         )
         return mask, batch["attention_mask"]
 
-    def run(self, hidden: torch.Tensor, context: Any, blocks: Iterable[nn.Module]) -> torch.Tensor:
-        for layer in blocks:
-            hidden = layer(hidden, context[0])
-        return hidden
+    @staticmethod
+    def call_block(block: nn.Module, hidden: torch.Tensor, context: Any) -> torch.Tensor:
+        return block(hidden, context[0])
+
+    @staticmethod
+    def varying_dims(hidden: torch.Tensor, context: Any) -> Iterator[tuple[torch.Tensor, tuple[int, ...]]]:
+        yield hidden, (0, 1)  # batch, sequence length (length-bucketed batches differ); not the width
+        if context[0] is not None:
+            yield context[0], tuple(range(context[0].ndim))  # the attention mask, batch x 1 x length x length
 
     def head(self, hidden: torch.Tensor, context: Any) -> torch.Tensor:
         if self._pooled_head:
@@ -188,10 +215,13 @@ class ResNetAdapter(ModelAdapter):
     def context(self, batch: dict[str, torch.Tensor], hidden: torch.Tensor) -> Any:
         return None
 
-    def run(self, hidden: torch.Tensor, context: Any, blocks: Iterable[nn.Module]) -> torch.Tensor:
-        for block in blocks:
-            hidden = block(hidden)
-        return hidden
+    @staticmethod
+    def call_block(block: nn.Module, hidden: torch.Tensor, context: Any) -> torch.Tensor:
+        return block(hidden)
+
+    @staticmethod
+    def varying_dims(hidden: torch.Tensor, context: Any) -> Iterator[tuple[torch.Tensor, tuple[int, ...]]]:
+        yield hidden, (0,)  # only the batch (the last one is short); images have one size
 
     def pool(self, hidden: torch.Tensor, context: Any) -> torch.Tensor:
         return torch.flatten(self.model.avgpool(hidden), 1)

@@ -7,13 +7,20 @@ the elementwise work of a block (bias, GELU, dropout, residual, layer norm, auto
 casts) into a few kernels, forward and backward, and launches them from generated code.
 
 What is compiled: one plain function that runs one block (the adapter's ``call_block``),
-so every block of every model of a kind shares one compiled graph (parameters are graph
-inputs), and the batch and sequence dimensions are marked dynamic, so one graph serves
-every length bucket and the short last batch; a later trial in the same worker process
-compiles nothing, and one in another process on the same machine finds the generated code
-in the compiler's on-disk cache. Only the blocks that train run compiled: the frozen bottom
+so blocks of one shape share one compiled graph, parameters being graph inputs (every layer
+of a BERT-family encoder; a ResNet's blocks, stage by stage), and the batch and sequence
+dimensions are marked dynamic, so one graph serves every length bucket and the short last
+batch. A later trial in the same worker process compiles nothing new unless its constants
+differ (below), and one in another process on the same machine finds the generated code in
+the compiler's on-disk cache. Only the blocks that train run compiled: the frozen bottom
 runs once per example (``prefix.py``), evaluation a few times a trial, the stem and the
 head are a few kernels each; compiling them would cost more than it saves.
+
+What makes a new graph: a block's constants. A dropout rate is one, so a study that
+searches ``dropout`` compiles again for every new value (seconds with the compiler's cache
+warm, tens of seconds cold): search a few values (``Categorical``) or leave it fixed.
+Whether the block's input needs a gradient (the bottom block at full depth) is another, and
+so is the model kind; the batch and sequence sizes are not.
 
 What changes: float rounding (fused kernels round differently) and, with dropout, which
 units are dropped (the compiler draws its own random numbers): a compiled trial is as
@@ -41,6 +48,8 @@ BACKENDS = ("inductor", "aot_eager")  # the real compiler; tracing without code 
 # (one recording per batch shape; GPU only). The study's switch uses None; the bench both.
 MODES = (None, "reduce-overhead")
 
+RECOMPILE_LIMIT = 64  # graphs of the block function per process (dynamo's default: 8)
+
 # One compiled function per (adapter class, backend, mode) and process: every trial reuses it.
 _Key = tuple[type, str, str | None]
 _compiled: dict[_Key, Any] = {}
@@ -52,11 +61,16 @@ def block_call(adapter: ModelAdapter, backend: str = "inductor", mode: str | Non
     key = (type(adapter), backend, mode)
     if key not in _compiled:
         _compiled[key] = torch.compile(type(adapter).call_block, backend=backend, mode=mode)
+        # A block's dropout rates are constants of its graph, so every dropout value a study
+        # tries is a graph of its own (x2: blocks whose input needs a gradient, and not).
+        # Past dynamo's default of 8, blocks would quietly run eagerly.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     compiled, eager = _compiled[key], adapter.call_block
 
     def call(block: nn.Module, hidden: torch.Tensor, context: Any) -> torch.Tensor:
         if key in _failed:
             return eager(block, hidden, context)
+        context = adapter.steady_context(hidden, context)
         for tensor, dims in adapter.varying_dims(hidden, context):
             for dim in dims:
                 torch._dynamo.maybe_mark_dynamic(tensor, dim)

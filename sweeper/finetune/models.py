@@ -113,6 +113,12 @@ class ModelAdapter:
         to batch: the compiler builds one graph for all their sizes."""
         raise NotImplementedError
 
+    @staticmethod
+    def steady_context(hidden: torch.Tensor, context: Any) -> Any:
+        """``context`` with the same structure for every batch (the compiler builds a graph
+        per structure); the same results."""
+        return context
+
     def head(self, hidden: torch.Tensor, context: Any) -> torch.Tensor:
         raise NotImplementedError
 
@@ -174,8 +180,15 @@ class TextAdapter(ModelAdapter):
     @staticmethod
     def varying_dims(hidden: torch.Tensor, context: Any) -> Iterator[tuple[torch.Tensor, tuple[int, ...]]]:
         yield hidden, (0, 1)  # batch, sequence length (length-bucketed batches differ); not the width
+        yield context[0], tuple(range(context[0].ndim))  # the attention mask, batch x 1 x length x length
+
+    @staticmethod
+    def steady_context(hidden: torch.Tensor, context: Any) -> Any:
+        # A batch without padding has no mask (None): give it one that masks nothing.
         if context[0] is not None:
-            yield context[0], tuple(range(context[0].ndim))  # the attention mask, batch x 1 x length x length
+            return context
+        batch, length = hidden.shape[:2]
+        return torch.ones(batch, 1, length, length, dtype=torch.bool, device=hidden.device), context[1]
 
     def head(self, hidden: torch.Tensor, context: Any) -> torch.Tensor:
         if self._pooled_head:

@@ -63,7 +63,27 @@ def test_one_graph_serves_every_batch_shape_and_every_trial(data, model_cache: P
     for seed in (11, 12):  # a second trial in the same process compiles nothing
         train(_model(model_cache), data, Hyper(learning_rate=1e-3, batch_size=16),
               _settings(seed=seed, compile=True, compile_backend="aot_eager", evals_per_epoch=1))
-    assert compiled.compiled_graphs() - before <= 2  # with a padding mask, and without one
+    assert compiled.compiled_graphs() - before <= 1  # none if the first test's graph is still there
+
+
+def test_every_dropout_rate_compiles_its_own_graph_and_the_limit_leaves_room(model_cache: Path) -> None:
+    # A dropout rate is a constant of the block's graph: a study searching it makes one graph
+    # per value, and past dynamo's default limit (8 graphs) blocks would run eagerly unnoticed.
+    adapter = _model(model_cache)
+    adapter.train()
+    call = compiled.block_call(adapter, "aot_eager")
+    assert torch._dynamo.config.recompile_limit >= compiled.RECOMPILE_LIMIT > 8
+    block = adapter.blocks[-1]
+    before = compiled.compiled_graphs()
+    for k, rate in enumerate([0.01, 0.02]):
+        for module in block.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = rate
+        hidden = torch.randn(4, 6 + k, 32, requires_grad=True)
+        mask = torch.ones(4, 1, 6 + k, 6 + k, dtype=torch.bool)
+        call(block, hidden, (mask, None)).sum().backward()
+        assert hidden.grad is not None
+    assert compiled.compiled_graphs() - before == 2
 
 
 def _broken_compiler(graph, example_inputs):  # type: ignore[no-untyped-def]

@@ -66,11 +66,14 @@ def block_call(adapter: ModelAdapter, backend: str = "inductor", mode: str | Non
         # Past dynamo's default of 8, blocks would quietly run eagerly.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     compiled, eager = _compiled[key], adapter.call_block
+    steady: list[Any] = [None, None]  # a step's context and its steady form: once for all blocks
 
     def call(block: nn.Module, hidden: torch.Tensor, context: Any) -> torch.Tensor:
         if key in _failed:
             return eager(block, hidden, context)
-        context = adapter.steady_context(hidden, context)
+        if context is not steady[0]:
+            steady[:] = [context, adapter.steady_context(hidden, context)]
+        context = steady[1]
         for tensor, dims in adapter.varying_dims(hidden, context):
             for dim in dims:
                 torch._dynamo.maybe_mark_dynamic(tensor, dim)

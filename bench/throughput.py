@@ -141,13 +141,15 @@ def main() -> None:
                     sweeper_trial, {"compile": True, "compile_mode": "reduce-overhead"})
             # Not counted: the first trial on a device pays for its libraries' set-up, and the
             # first compiled one for the compiler.
-            sweeper_trial(path, train_rows[:256], eval_rows[:64], device, args.batch_size, workdir)
-            warm_up = time.perf_counter()
-            sweeper_trial(path, train_rows[:256], eval_rows[:64], device, args.batch_size, workdir, compile=True)
-            compile_seconds = time.perf_counter() - warm_up
+            def warm_up(**options: Any) -> float:
+                started = time.perf_counter()
+                sweeper_trial(path, train_rows[:256], eval_rows[:64], device, args.batch_size, workdir, **options)
+                return time.perf_counter() - started
+
+            warm_up()
+            compile_seconds = warm_up(compile=True)
             if device == "cuda":
-                sweeper_trial(path, train_rows[:256], eval_rows[:64], device, args.batch_size, workdir,
-                              compile=True, compile_mode="reduce-overhead")
+                warm_up(compile=True, compile_mode="reduce-overhead")
             best: dict[str, dict[str, Any]] = {}
             for _ in range(args.repeats):  # interleaved, so a busy moment hurts every contender alike
                 for label, (run, options) in contenders.items():

@@ -74,15 +74,30 @@ def tally(trials: list[FrozenTrial]) -> Tally:
                  count[TrialState.PRUNED], count[TrialState.FAIL], retried)
 
 
-def ensure_tickets(study: optuna.Study, n_trials: int) -> int:
-    """Enqueue WAITING tickets until the budget is ``n_trials``; returns how many were added."""
+def ensure_tickets(study: optuna.Study, n_trials: int, first: list[dict[str, Any]] | None = None) -> int:
+    """Enqueue WAITING tickets until the budget is ``n_trials``; returns how many were added.
+
+    The ``first`` trials' parameters go on the first new tickets (Optuna's ``fixed_params``,
+    which ``Trial.suggest_*`` returns instead of sampling), each once per study: a resumed
+    launch finds them already queued, run, or retried. Workers claim the oldest ticket first,
+    so they run before any trial the sampler proposes.
+    """
     trials = retrying(lambda: study.get_trials(deepcopy=False), what="reading trials")
-    missing = n_trials - tally(trials).spent
-    for _ in range(max(0, missing)):
+    missing = max(0, n_trials - tally(trials).spent)
+    queued = [t.system_attrs.get("fixed_params") or {} for t in trials]
+    fresh = [p for p in first or [] if not any(_same_params(p, q) for q in queued)][:missing]
+    for params in fresh:
+        retrying(lambda: study.enqueue_trial(params), what="adding a first trial")
+    for _ in range(missing - len(fresh)):
         retrying(lambda: study.enqueue_trial({}), what="adding a ticket")
     retrying(lambda: study._storage.set_study_system_attr(study._study_id, ATTR_N_TRIALS, n_trials),
              what="recording the budget")
-    return max(0, missing)
+    return missing
+
+
+def _same_params(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Equal parameter sets, as they come back from the storage (JSON: 1e-4 stays 1e-4)."""
+    return a.keys() == b.keys() and all(a[k] == b[k] for k in a)
 
 
 def out_of_time(study: optuna.Study) -> str | None:

@@ -96,6 +96,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print("  space")
     for name, dist in sweep.space.items():
         print(f"    {name:22s} {dist}")
+    first, _ = space.first_trial_params(sweep.space, sweep.first_trials)
+    for k, params in enumerate(first):
+        print(f"  first {k + 1:<4d} {json.dumps(params)}")
     print(f"  a sample   {json.dumps(sample)}")
     return 0
 

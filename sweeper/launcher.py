@@ -26,6 +26,7 @@ import optuna
 from optuna.trial import TrialState
 
 from sweeper import budget, checkpoints, finalize, liveness
+from sweeper import space as space_mod
 from sweeper import storage as storage_mod
 from sweeper.errors import SweepError
 from sweeper.storage import ENV_STORAGE, mask, open_storage, retrying
@@ -130,7 +131,8 @@ def prepare_study(sweep: Sweep, options: LaunchOptions) -> optuna.Study:
     retrying(lambda: study.set_user_attr("config", sweep.to_dict()), what="recording the configuration")
     checkpoints.record_location(study, sweep)  # Optuna does not record the artifact store
     n_trials = options.n_trials or sweep.n_trials
-    added = budget.ensure_tickets(study, n_trials)
+    first, _ = space_mod.first_trial_params(sweep.space, sweep.first_trials)  # checked when the study loaded
+    added = budget.ensure_tickets(study, n_trials, first)
     timeout = options.timeout or sweep.timeout
     gpu_hours = options.gpu_hours or sweep.gpu_hours
     system = study._storage

@@ -42,6 +42,17 @@ class Float:
     def with_bounds(self, low: float, high: float) -> Float:
         return Float(low, high, self.step)
 
+    def contains(self, value: Any) -> bool:
+        if not _real(value) or not self.low <= value <= self.high:
+            return False
+        return self.step is None or _on_grid(value - self.low, self.step)
+
+    def center(self) -> float:
+        middle = (self.low + self.high) / 2
+        if self.step is None:
+            return middle
+        return self.low + round((middle - self.low) / self.step) * self.step
+
     def __str__(self) -> str:
         return f"Float({self.low:g}, {self.high:g})"
 
@@ -68,6 +79,12 @@ class LogFloat:
     def with_bounds(self, low: float, high: float) -> LogFloat:
         return LogFloat(low, high)
 
+    def contains(self, value: Any) -> bool:
+        return _real(value) and self.low <= value <= self.high
+
+    def center(self) -> float:
+        return math.sqrt(self.low * self.high)  # the middle on the log scale it is drawn on
+
     def __str__(self) -> str:
         return f"LogFloat({self.low:g}, {self.high:g})"
 
@@ -92,6 +109,14 @@ class Int:
 
     def with_bounds(self, low: float, high: float) -> Int:
         return Int(int(low), int(high), self.step, self.log)
+
+    def contains(self, value: Any) -> bool:
+        return (isinstance(value, int) and not isinstance(value, bool) and self.low <= value <= self.high
+                and (value - self.low) % self.step == 0)
+
+    def center(self) -> int:
+        middle = math.sqrt(self.low * self.high) if self.log else (self.low + self.high) / 2
+        return self.low + round((middle - self.low) / self.step) * self.step
 
     def __str__(self) -> str:
         return f"Int({self.low}, {self.high})"
@@ -120,6 +145,13 @@ class Categorical:
             ]
         return []
 
+    def contains(self, value: Any) -> bool:
+        # True == 1 in Python, but a flag is not a number here.
+        return any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in self.choices)
+
+    def center(self) -> Any:
+        return self.choices[0]  # choices have no middle: the first, as the study lists them
+
     def __str__(self) -> str:
         return f"Categorical({list(self.choices)})"
 
@@ -127,6 +159,15 @@ class Categorical:
 Distribution = Float | LogFloat | Int | Categorical
 # A constant is any plain value: it is passed to the trial unchanged and never searched.
 SpaceValue = Distribution | bool | int | float | str | None
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _on_grid(offset: float, step: float) -> bool:
+    steps = offset / step
+    return abs(steps - round(steps)) < 1e-9 * max(1.0, abs(steps))
 
 
 def _check_bounds(name: str, low: float, high: float) -> list[str]:
@@ -160,6 +201,47 @@ def check(space: dict[str, SpaceValue]) -> list[str]:
                 f"`space.{name}` is {dist!r}: use Float, LogFloat, Int, Categorical or a plain value"
             )
     return problems
+
+
+CENTER = "center"  # a first trial at the middle of every searched range
+
+
+def first_trial_params(space: dict[str, SpaceValue], first_trials: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    """The parameters of each of a study's ``first_trials``, and every problem with them.
+
+    An entry is a dict of searched hyperparameters and their values (the sampler draws the
+    ones it leaves out), or ``"center"``: the middle of every searched range (geometric for
+    log scales, the first choice of a Categorical). Values must lie in their distributions:
+    Optuna would use an outside value as it is, and only warn.
+    """
+    if isinstance(first_trials, (str, dict)) or not isinstance(first_trials, (list, tuple)):
+        return [], [f"`first_trials` is {first_trials!r}: give a list of dicts of searched values, "
+                    f"or [{CENTER!r}] for the middle of the space"]
+    searched = {name: dist for name, dist in space.items() if isinstance(dist, (Float, LogFloat, Int, Categorical))}
+    points: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for k, entry in enumerate(first_trials):
+        where = f"`first_trials[{k}]`"
+        if entry == CENTER:
+            points.append({name: dist.center() for name, dist in searched.items()})
+            continue
+        if not isinstance(entry, dict) or not entry:
+            problems.append(f"{where} is {entry!r}: give a dict of searched values, e.g. "
+                            f"{{'learning_rate': 1e-4}}, or {CENTER!r}")
+            continue
+        for name, value in entry.items():
+            dist = searched.get(name)
+            if name not in space:
+                problems.append(f"{where} sets `{name}`, which the space does not have: use "
+                                f"{', '.join(searched) or 'a searched hyperparameter'}")
+            elif dist is None:
+                problems.append(f"{where} sets `{name}`, which the space fixes at {space[name]!r}: "
+                                "leave it out (first trials set searched values only)")
+            elif not dist.contains(value):
+                problems.append(f"{where} sets `{name}` to {value!r}, outside `space.{name}` = {dist}: "
+                                "use a value the space can draw")
+        points.append(dict(entry))
+    return points, problems
 
 
 def parse_override(current: SpaceValue | None, text: str) -> SpaceValue:

@@ -59,6 +59,9 @@ class Sweep:
     gpu_hours: float | None = None  # GPU-hours the sweep may spend in all; None = no limit
     pruner: str = "median"  # median, hyperband, successive_halving or none
     sampler: str = "tpe"  # tpe, random or qmc
+    # Trials run before the sampler proposes any: dicts of searched values (a recipe known to
+    # work; the sampler draws what one leaves out) or "center", the middle of the space.
+    first_trials: tuple[Any, ...] = ()
     seed: int = 0  # study seed: data split, and with the worker index, each worker's sampler
     output_dir: str = "sweeps/{name}"  # checkpoints, caches and the default SQLite file
     storage: str | None = None  # an RDB URL; None = SQLite in output_dir (or SWEEPER_STORAGE)
@@ -130,6 +133,11 @@ class Sweep:
                          f"use {', '.join(HYPERPARAMETERS)}")
             if "learning_rate" not in self.space:
                 p.append("`space` has no `learning_rate`: search it (e.g. LogFloat(1e-6, 1e-3)) or fix it")
+            p.extend(space_mod.first_trial_params(self.space, self.first_trials)[1])
+            if _whole(self.n_trials) and isinstance(self.first_trials, (list, tuple)) \
+                    and len(self.first_trials) > self.n_trials:
+                p.append(f"`first_trials` has {len(self.first_trials)} entries but `n_trials` is "
+                         f"{self.n_trials}: raise n_trials or list fewer first trials")
         if self.pretrain_loss not in losses.PRETRAIN_LOSSES:
             p.append(f"`pretrain_loss` is {self.pretrain_loss!r}: use one of {', '.join(losses.PRETRAIN_LOSSES)}")
         elif self.pretrain_loss == "mlm" and getattr(self.model, "kind", "") == "image":

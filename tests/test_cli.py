@@ -16,7 +16,7 @@ QUICKSTART = str(ROOT / "studies" / "quickstart.py")
 @pytest.mark.slow
 def test_quickstart_launch_completes_and_prunes_through_the_real_cli(tmp_path: Path) -> None:
     out = f"output_dir={tmp_path}"
-    launched = run_cli("launch", QUICKSTART, "--workers", "2", "--set", out)
+    launched = run_cli("launch", QUICKSTART, "--workers", "2", "--set", out, "first_trials=center")
     assert launched.returncode == 0, launched.stderr[-2000:]
     assert "best trial" in launched.stderr and "held-out test accuracy" in launched.stderr
     best_line = next(line for line in launched.stderr.splitlines() if line.startswith("best trial"))
@@ -31,8 +31,10 @@ def test_quickstart_launch_completes_and_prunes_through_the_real_cli(tmp_path: P
     # (tests/finetune/test_loop.py checks learning itself); here: the figures are recorded.
     assert 0.0 <= summary["best"]["value"] <= 1.0
     assert 0.0 <= summary["best"]["test"]["value"] <= 1.0  # held-out figure, best trial only
-    pruned = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{tmp_path / 'study.db'}").get_trials(
-        states=[optuna.trial.TrialState.PRUNED])
+    study = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    center = {"learning_rate": 1e-3, "weight_decay": 10 ** -3.5, "unfreeze_depth": 1, "pretrain_loss_weight": 10 ** -1.5}
+    assert study.trials[0].params == pytest.approx(center)  # the first trial is the space's middle
+    pruned = study.get_trials(states=[optuna.trial.TrialState.PRUNED])
     assert pruned and all(t.user_attrs["train_seconds"] > 0 and t.user_attrs["samples_per_second"] > 0
                           for t in pruned)  # a pruned trial keeps the timings of its last evaluation
     table = run_cli("status", QUICKSTART, "--set", out)

@@ -103,3 +103,17 @@ def test_every_study_file_loads_and_validates(path: Path) -> None:
     assert path.read_text().lstrip().startswith('"""'), "a study opens with its docstring"
     assert "sweeper launch studies/" in path.read_text().split('"""')[1], "... giving its command"
     assert study_mod.check_model_fit(sweep, str(path)) >= 1
+
+
+def test_first_trials_from_the_command_line_are_checked_against_the_space(tmp_path: Path) -> None:
+    path = write_study(tmp_path, TINY_STUDY)
+    assert study_mod.load(path, ["first_trials=center"]).first_trials == ("center",)
+    sweep = study_mod.load(path, ['first_trials=[{"learning_rate": 1e-3, "unfreeze_depth": 2}]'])
+    assert sweep.first_trials == ({"learning_rate": 1e-3, "unfreeze_depth": 2},)
+    with pytest.raises(ConfigError) as caught:
+        study_mod.load(path, ['first_trials=[{"learning_rate": 1e-3, "unfreeze_depth": 9}, "center"]',
+                              "n_trials=1"])
+    problems = caught.value.problems
+    assert len(problems) == 2, problems
+    assert "`first_trials[0]` sets `unfreeze_depth` to 9, outside `space.unfreeze_depth` = Int(0, 2)" in problems[0]
+    assert "`first_trials` has 2 entries but `n_trials` is 1" in problems[1]

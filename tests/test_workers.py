@@ -68,6 +68,19 @@ def test_launching_again_tops_up_the_budget_without_duplicating_it(storage_url: 
     assert len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) == 8
 
 
+def test_first_trials_run_first_with_their_values_and_are_queued_once(storage_url: str) -> None:
+    study = _create(storage_url, 0)
+    assert budget.ensure_tickets(study, 4, [{"x": 0.25}, {"x": 0.75}]) == 4
+    _wait(_workers(storage_url, 1))
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.datetime_start)
+    assert [t.params["x"] for t in trials[:2]] == [0.25, 0.75], "claimed first, with their values"
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    # A launch again (a resume, a raised budget) does not queue them a second time.
+    assert budget.ensure_tickets(study, 6, [{"x": 0.25}, {"x": 0.75}]) == 2
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert len(waiting) == 2 and not any(t.system_attrs.get("fixed_params") for t in waiting)
+
+
 def test_a_killed_workers_trial_is_failed_after_its_grace_period_and_retried(storage_url: str) -> None:
     study = _create(storage_url, 3)
     [victim] = _workers(storage_url, 1, seconds=60.0)

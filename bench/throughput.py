@@ -101,6 +101,19 @@ def trainer_trial(model: Path, train_rows: list, eval_rows: list, device: str, b
             "train_s": out.metrics["train_runtime"]}
 
 
+# key -> (label, run, options): what --contenders picks from.
+CONTENDERS: dict[str, tuple[str, Any, dict[str, Any]]] = {
+    "padded": ("Trainer, padded to 128", trainer_trial, {"pad_to_128": True}),
+    "dynamic": ("Trainer, dynamic padding", trainer_trial, {"pad_to_128": False}),
+    "sweeper": ("sweeper", sweeper_trial, {}),
+    "prefetch": ("sweeper, batches prefetched on a thread", sweeper_trial, {"prefetch": True}),
+    "every-step": ("sweeper, loss checked every step", sweeper_trial, {"check_every_steps": 1}),
+    "compiled": ("sweeper, compiled", sweeper_trial, {"compile": True}),
+    "cuda-graphs": ("sweeper, compiled with CUDA graphs", sweeper_trial,
+                    {"compile": True, "compile_mode": "reduce-overhead"}),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.device_arg(parser)
@@ -110,8 +123,16 @@ def main() -> None:
                                                           "(default: all 872 on cuda, 256 on cpu)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=1, help="run every contender this many times; the best counts")
+    parser.add_argument("--contenders", help=f"comma-separated, from {', '.join(CONTENDERS)} (default: all; "
+                                             "cuda-graphs on a GPU only); the baseline, padded, always runs")
     args = parser.parse_args()
     device = common.resolve_device(args.device, args.threads)
+    chosen = ["padded", *(k for k in (args.contenders or ",".join(CONTENDERS)).split(",") if k != "padded")]
+    unknown = [k for k in chosen if k not in CONTENDERS]
+    if unknown:
+        parser.error(f"--contenders {','.join(unknown)}: unknown; use {', '.join(CONTENDERS)}")
+    if device != "cuda":  # CUDA graphs exist on GPUs only
+        chosen = [k for k in chosen if k != "cuda-graphs"]
     common.quiet()
     gpu = device == "cuda"
     models = (args.models or ("minilm,bert-base" if gpu else "minilm")).split(",")
@@ -128,17 +149,7 @@ def main() -> None:
         for name in models:
             path = common.minilm() if name == "minilm" else common.random_bert(workdir / "bert-base", common.minilm())
             common_args = (path, train_rows, eval_rows, device, args.batch_size, workdir)
-            contenders: dict[str, tuple[Any, dict[str, Any]]] = {
-                "Trainer, padded to 128": (trainer_trial, {"pad_to_128": True}),
-                "Trainer, dynamic padding": (trainer_trial, {"pad_to_128": False}),
-                "sweeper": (sweeper_trial, {}),
-                "sweeper, batches prefetched on a thread": (sweeper_trial, {"prefetch": True}),
-                "sweeper, loss checked every step": (sweeper_trial, {"check_every_steps": 1}),
-                "sweeper, compiled": (sweeper_trial, {"compile": True}),
-            }
-            if device == "cuda":  # CUDA graphs exist on GPUs only
-                contenders["sweeper, compiled with CUDA graphs"] = (
-                    sweeper_trial, {"compile": True, "compile_mode": "reduce-overhead"})
+            contenders = {CONTENDERS[key][0]: CONTENDERS[key][1:] for key in chosen}
             # Not counted: the first trial on a device pays for its libraries' set-up, and the
             # first compiled one for the compiler.
             def warm_up(**options: Any) -> float:
@@ -147,8 +158,8 @@ def main() -> None:
                 return time.perf_counter() - started
 
             warm_up()
-            compile_seconds = warm_up(compile=True)
-            if device == "cuda":
+            compile_seconds = warm_up(compile=True) if "compiled" in chosen else None
+            if "cuda-graphs" in chosen:
                 warm_up(compile=True, compile_mode="reduce-overhead")
             best: dict[str, dict[str, Any]] = {}
             for _ in range(args.repeats):  # interleaved, so a busy moment hurts every contender alike
@@ -161,9 +172,10 @@ def main() -> None:
                      "accuracy": f["accuracy"]} for label, f in best.items()]
             print(f"\n{name} ({path.name})")
             print(common.table(rows, ["contender", "samples/s", "x Trainer padded", "accuracy"]))
-            print(f"compiled warm-up trial (256 sentences, the compiler's work included): {compile_seconds:.1f} s")
+            if compile_seconds is not None:
+                print(f"compiled warm-up trial (256 sentences, the compiler's work included): {compile_seconds:.1f} s")
+                results.setdefault("compile_warm_up_s", {})[name] = compile_seconds
             results["models"][name] = rows
-            results.setdefault("compile_warm_up_s", {})[name] = compile_seconds
     common.finish(args, results)
 
 

@@ -17,8 +17,9 @@ after it). Its best figure is selected on SST-2 validation itself.
 Then, on the same sentences and device, ``sweeper launch`` of a study searching learning
 rate, weight decay, unfreeze depth (0..6) and λ (``distill``), 2 epochs, evaluated twice per
 epoch, with ``--workers-per-gpu K`` workers on the one GPU and the same budget
-(``--timeout``). sweeper tunes on 5% of those sentences carved out as its validation split
-and never sees SST-2 validation while it searches, so its curve is honest: at each moment,
+(``--timeout``); ``--first-trials center`` starts it at the middle of its space. sweeper tunes
+on 5% of those sentences carved out as its validation split and never sees SST-2 validation
+while it searches, so its curve is honest: at each moment,
 the trial that is best *on sweeper's own validation split* is scored on SST-2 validation.
 
 Printed: each side's best SST-2 validation accuracy and when it was first reached, and the
@@ -125,6 +126,7 @@ sweep = Sweep(
     n_trials={n_trials},
     timeout={budget},
     pruner="hyperband",
+    first_trials={first_trials!r},
     keep=100000,
     output_dir={out!r},
 )
@@ -145,7 +147,8 @@ def sweep(rows: list, eval_rows: list, args: argparse.Namespace, device: str, wo
     path = workdir / "study.py"
     path.write_text(textwrap.dedent(STUDY.format(
         model=str(common.minilm()), data=str(data), fraction=args.validation_fraction, epochs=args.epochs,
-        n_trials=args.n_trials, budget=args.budget, out=str(out))))
+        n_trials=args.n_trials, budget=args.budget, out=str(out),
+        first_trials=[] if args.first_trials == "none" else [args.first_trials])))
     workers = args.workers_per_gpu
     command = [sys.executable, "-m", "sweeper", "launch", str(path), "--workers", str(workers)]
     if device == "cuda":
@@ -190,6 +193,8 @@ def main() -> None:
     parser.add_argument("--validation-fraction", type=float, help="sweeper's own validation split (default 0.05; 0.1 on cpu)")
     parser.add_argument("--full-train", action="store_true", help="the sweep alone, on all of SST-2 train")
     parser.add_argument("--compile", action="store_true", help="the sweep with compile=True (the compiler's time is on the clock)")
+    parser.add_argument("--first-trials", choices=("none", "center"), default="none",
+                        help="center: the sweep's first trial is the middle of its space (sweeper's first_trials)")
     parser.add_argument("--part", choices=("both", "baseline", "sweep"), default="both",
                         help="run one half only: the baseline (write it with --json) or the sweep")
     parser.add_argument("--baseline-json", metavar="FILE", help="with --part sweep: the baseline half's --json output")
@@ -206,7 +211,8 @@ def main() -> None:
     print(f"{len(rows)} training sentences, {len(eval_rows)} SST-2 validation sentences, budget {args.budget:.0f} s "
           f"each, {device}; machine {common.machine()}")
     result: dict[str, Any] = {"machine": common.machine(), "device": device, "samples": len(rows),
-                              "budget_s": args.budget, "workers_per_gpu": args.workers_per_gpu}
+                              "budget_s": args.budget, "workers_per_gpu": args.workers_per_gpu,
+                              "first_trials": args.first_trials}
     with tempfile.TemporaryDirectory(prefix="sweeper-ttq-") as tmp:
         workdir = Path(tmp)
         base = None

@@ -85,3 +85,34 @@ def test_length_buckets_cover_every_example_once_with_little_padding() -> None:
     assert padding < random_padding / 5
     assert [b.tolist() for b in training_batches(lengths, 16, seed=3)] == [b.tolist() for b in batches]
     assert sorted(np.concatenate(evaluation_batches(lengths, 64)).tolist()) == list(range(1000))
+
+
+def test_a_sentences_split_holds_out_whole_sentences_with_their_phrases(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    # 40 treebank-like sentences of 7 words, each with phrases of its own and shared ones,
+    # as SST-2's training split has them.
+    sentences = [f"the {adjective} film about {topic} works {i}" for i, (adjective, topic) in
+                 enumerate([("slow", "war"), ("bright", "love"), ("odd", "jazz"), ("dull", "time")] * 10)]
+    spans = [(0, 7), (1, 3), (3, 7), (4, 6)]  # the sentence, "slow film", "about war works 0", "war works"
+    rows = [(" ".join(s.split()[a:b]), str(i % 2)) for i, s in enumerate(sentences) for a, b in spans]
+    folder = _tsv_folder(tmp_path / "d", rows, rows[:4])
+
+    def texts(split) -> list[str]:  # type: ignore[no-untyped-def]
+        return [tokenizer.decode(split.input_ids[a:b], skip_special_tokens=True)
+                for a, b in zip(split.offsets[:-1], split.offsets[1:])]
+
+    data = prepare(TextData(str(folder), validation_fraction=0.1, validation_split="sentences"),
+                   tmp_path / "c", 0, tokenizer, "minilm")
+    held, trained = texts(data.validation), texts(data.train)
+    whole = [t for t in held if len(t.split()) == 7]
+    assert len(whole) == 4 and len(held) == 8  # 10% of the sentences, each with its phrase of its own
+    assert all(any(f" {t} " in f" {w} " for w in whole) for t in held)
+    assert not any(f" {t} " in f" {u} " for t in held for u in trained)  # nothing of them in training
+    assert len(held) + len(trained) == len(rows)
+
+
+def test_validation_split_names_a_known_way_that_fits_the_data() -> None:
+    assert TextData().check() == [] and TextData(validation_split="sentences").check() == []
+    [problem] = TextData(validation_split="rows").check()
+    assert "`data.validation_split` is 'rows': use one of random, sentences" in problem
+    [problem] = TextData(text_fields=("premise", "hypothesis"), validation_split="sentences").check()
+    assert "sentence pairs: use 'random'" in problem

@@ -17,7 +17,8 @@ after it). Its best figure is selected on SST-2 validation itself.
 Then, on the same sentences and device, ``sweeper launch`` of a study searching learning
 rate, weight decay, unfreeze depth (0..6) and λ (``distill``), 2 epochs, evaluated twice per
 epoch, with ``--workers-per-gpu K`` workers on the one GPU and the same budget
-(``--timeout``); ``--first-trials center`` starts it at the middle of its space. sweeper tunes
+(``--timeout``); ``--first-trials center`` starts it at the middle of its space, and
+``--validation-split sentences`` validates it on whole held-out sentences. sweeper tunes
 on 5% of those sentences carved out as its validation split and never sees SST-2 validation
 while it searches, so its curve is honest: at each moment,
 the trial that is best *on sweeper's own validation split* is scored on SST-2 validation.
@@ -112,7 +113,7 @@ from sweeper import Int, LogFloat, Sweep, TextClassifier, TextData
 sweep = Sweep(
     name="time-to-quality",
     model=TextClassifier({model!r}),
-    data=TextData({data!r}, max_length=128, validation_fraction={fraction}),
+    data=TextData({data!r}, max_length=128, validation_fraction={fraction}, validation_split={split!r}),
     space={{
         "learning_rate": LogFloat(1e-5, 3e-4),
         "weight_decay": LogFloat(1e-4, 1e-1),
@@ -148,7 +149,7 @@ def sweep(rows: list, eval_rows: list, args: argparse.Namespace, device: str, wo
     path.write_text(textwrap.dedent(STUDY.format(
         model=str(common.minilm()), data=str(data), fraction=args.validation_fraction, epochs=args.epochs,
         n_trials=args.n_trials, budget=args.budget, out=str(out),
-        first_trials=[] if args.first_trials == "none" else [args.first_trials])))
+        first_trials=[] if args.first_trials == "none" else [args.first_trials], split=args.validation_split)))
     workers = args.workers_per_gpu
     command = [sys.executable, "-m", "sweeper", "launch", str(path), "--workers", str(workers)]
     if device == "cuda":
@@ -195,6 +196,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="the sweep with compile=True (the compiler's time is on the clock)")
     parser.add_argument("--first-trials", choices=("none", "center"), default="none",
                         help="center: the sweep's first trial is the middle of its space (sweeper's first_trials)")
+    parser.add_argument("--validation-split", choices=("random", "sentences"), default="random",
+                        help="how the sweep carves its validation split (sweeper's data.validation_split)")
     parser.add_argument("--part", choices=("both", "baseline", "sweep"), default="both",
                         help="run one half only: the baseline (write it with --json) or the sweep")
     parser.add_argument("--baseline-json", metavar="FILE", help="with --part sweep: the baseline half's --json output")
@@ -212,7 +215,7 @@ def main() -> None:
           f"each, {device}; machine {common.machine()}")
     result: dict[str, Any] = {"machine": common.machine(), "device": device, "samples": len(rows),
                               "budget_s": args.budget, "workers_per_gpu": args.workers_per_gpu,
-                              "first_trials": args.first_trials}
+                              "first_trials": args.first_trials, "validation_split": args.validation_split}
     with tempfile.TemporaryDirectory(prefix="sweeper-ttq-") as tmp:
         workdir = Path(tmp)
         base = None

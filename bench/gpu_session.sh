@@ -17,16 +17,7 @@ cd "$(dirname "$0")/.."
 part=${1:-}
 out=${OUT:-gpu-out}
 mkdir -p "$out"
-exec > >(tee -a "$out/session.log") 2>&1
 
-# The GPU machine lacks Optuna and SQLAlchemy (../shared/gpu/README.md); GPU_SESSION_WHEELS=0
-# skips this where they are installed (a dry run of the script on a CPU machine).
-if [ "${GPU_SESSION_WHEELS:-1}" != 0 ]; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl || {
-        echo "gpu_session: the wheels in .gpu/wheels did not install: carry .gpu (../shared/gpu/prep.sh makes it)"; exit 1; }
-    export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1
 limit=${GPU_SESSION_S:-560}
 
 # step NAME MINUTES COMMAND...: run COMMAND unless its estimate would outlast the call.
@@ -43,36 +34,51 @@ step() {
     echo "gpu_session: $name took $((SECONDS - started)) s"
 }
 
-case $part in
-    check)
-        step nvidia-smi 1 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-        step versions 1 python3 -c "import torch, transformers, optuna; print(torch.__version__, transformers.__version__, optuna.__version__, torch.cuda.get_device_name(0))"
-        ;;
-    speed)
-        # Eager sweeper was measured at 1.43x on an H100; what is new is the compiled step.
-        step throughput 3 python3 bench/throughput.py --device cuda --models minilm --samples 8000 \
-            --contenders sweeper,compiled,cuda-graphs --json "$out/throughput.json"
-        step packing 5 python3 bench/packing.py --device cuda --workers-per-gpu 1,6 --json "$out/packing.json"
-        ;;
-    quality-baseline)
-        step baseline 8 python3 bench/time_to_quality.py --device cuda --part baseline --json "$out/baseline.json"
-        ;;
-    quality-sweep)
-        file=${2:?"quality-sweep needs the baseline's JSON (from quality-baseline's \$OUT)"}
-        # The target is the baseline's best within a third of its wall time: a longer sweep
-        # cannot change whether it was met.
-        budget=$(python3 -c "import json, sys; print(round(json.load(open(sys.argv[1]))['baseline']['wall_s'] / 3))" "$file")
-        step sweep 4 python3 bench/time_to_quality.py --device cuda --part sweep --baseline-json "$file" \
-            --budget "$budget" --json "$out/time_to_quality.json"
-        step sweep-center 4 python3 bench/time_to_quality.py --device cuda --part sweep --baseline-json "$file" \
-            --budget "$budget" --first-trials center --json "$out/time_to_quality_center.json"
-        ;;
-    full-train)
-        step full-train 7 python3 bench/time_to_quality.py --device cuda --full-train --budget 300 \
-            --json "$out/full_train.json"
-        ;;
-    *)
-        echo "usage: bash bench/gpu_session.sh speed | quality-baseline | quality-sweep FILE | full-train | check"
-        exit 2
-        ;;
-esac
+main() {
+    # The GPU machine lacks Optuna and SQLAlchemy (../shared/gpu/README.md); GPU_SESSION_WHEELS=0
+    # skips this where they are installed (a dry run of the script on a CPU machine).
+    if [ "${GPU_SESSION_WHEELS:-1}" != 0 ]; then
+        python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl || {
+            echo "gpu_session: the wheels in .gpu/wheels did not install: carry .gpu (../shared/gpu/prep.sh makes it)"; exit 1; }
+        export PYTHONPATH=/tmp/site:$PWD
+    fi
+    export PYTHONUNBUFFERED=1
+
+    case $part in
+        check)
+            step nvidia-smi 1 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+            step versions 1 python3 -c "import torch, transformers, optuna; print(torch.__version__, transformers.__version__, optuna.__version__, torch.cuda.get_device_name(0))"
+            ;;
+        speed)
+            # Eager sweeper was measured at 1.43x on an H100; what is new is the compiled step.
+            step throughput 3 python3 bench/throughput.py --device cuda --models minilm --samples 8000 \
+                --contenders sweeper,compiled,cuda-graphs --json "$out/throughput.json"
+            step packing 5 python3 bench/packing.py --device cuda --workers-per-gpu 1,6 --json "$out/packing.json"
+            ;;
+        quality-baseline)
+            step baseline 8 python3 bench/time_to_quality.py --device cuda --part baseline --json "$out/baseline.json"
+            ;;
+        quality-sweep)
+            file=${2:?"quality-sweep needs the baseline's JSON (from quality-baseline's \$OUT)"}
+            # The target is the baseline's best within a third of its wall time: a longer sweep
+            # cannot change whether it was met.
+            budget=$(python3 -c "import json, sys; print(round(json.load(open(sys.argv[1]))['baseline']['wall_s'] / 3))" "$file")
+            step sweep 4 python3 bench/time_to_quality.py --device cuda --part sweep --baseline-json "$file" \
+                --budget "$budget" --json "$out/time_to_quality.json"
+            step sweep-center 4 python3 bench/time_to_quality.py --device cuda --part sweep --baseline-json "$file" \
+                --budget "$budget" --first-trials center --json "$out/time_to_quality_center.json"
+            ;;
+        full-train)
+            step full-train 7 python3 bench/time_to_quality.py --device cuda --full-train --budget 300 \
+                --json "$out/full_train.json"
+            ;;
+        *)
+            echo "usage: bash bench/gpu_session.sh speed | quality-baseline | quality-sweep FILE | full-train | check"
+            exit 2
+            ;;
+    esac
+}
+
+# A pipeline, not a process substitution: the call returns only once the log is written whole.
+main "$@" 2>&1 | tee -a "$out/session.log"
+exit "${PIPESTATUS[0]}"

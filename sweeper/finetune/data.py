@@ -414,9 +414,9 @@ def _carve_text(spec: TextData | SyntheticText, rows: list[dict[str, str]], fiel
     texts = [row[fields[0]] for row in rows] if len(fields) == 1 else []
     if how == "random":
         if isinstance(spec, TextData) and texts and phrases.looks_phrase_level(texts, seed):
-            logger.info("most training examples lie inside longer ones (phrase-level data such as SST-2): "
-                    "a random validation split's figure flatters, by 6 to 7 points on SST-2; "
-                    "data.validation_split='sentences' gives an honest one (bench/validation_split.py)")
+            logger.warning("most training examples lie inside longer ones (phrase-level data such as SST-2): "
+                           "a random validation split's figure flatters, by 6 to 7 points on SST-2; "
+                           "data.validation_split='sentences' gives an honest one (bench/validation_split.py)")
         train_idx, val_idx = _carve(len(rows), spec.validation_fraction, seed)
         return how, train_idx, val_idx, 0
     train_idx, val_idx, whole = phrases.sentence_split(texts, spec.validation_fraction, seed)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +28,13 @@ def _tsv_folder(folder: Path, train: list[tuple[str, str]], test: list[tuple[str
     return folder
 
 
-def test_sst2_validation_is_carved_from_train_and_glue_validation_is_test(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_sst2_validation_is_carved_from_train_and_glue_validation_is_test(tmp_path: Path, tokenizer, caplog) -> None:  # type: ignore[no-untyped-def]
     spec = TextData(str(SST2), validation_fraction=0.01, max_train_samples=2000)
-    data = prepare(spec, tmp_path, seed=0, tokenizer=tokenizer, tokenizer_id="minilm")
+    with caplog.at_level(logging.WARNING, logger="sweeper.finetune.data"):
+        data = prepare(spec, tmp_path, seed=0, tokenizer=tokenizer, tokenizer_id="minilm")
+    # A random split of phrase-level data is allowed, with one line that says what it costs.
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "sweeper.finetune.data"]
+    assert "flatters" in warning and "validation_split='sentences'" in warning
     assert len(data.test) == 872  # GLUE SST-2 validation, held out
     assert len(data.validation) == round(67349 * 0.01)
     assert len(data.train) == 2000
@@ -38,7 +43,7 @@ def test_sst2_validation_is_carved_from_train_and_glue_validation_is_test(tmp_pa
     assert batch["input_ids"][:, 0].tolist() == [tokenizer.cls_token_id] * 4
 
 
-def test_the_split_is_seeded_and_disjoint(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_the_split_is_seeded_and_disjoint(tmp_path: Path, tokenizer, caplog) -> None:  # type: ignore[no-untyped-def]
     rows = [(f"sentence number {i}", str(i % 2)) for i in range(200)]
     folder = _tsv_folder(tmp_path / "d", rows, rows[:10])
     spec = TextData(str(folder), validation_fraction=0.25)
@@ -47,7 +52,9 @@ def test_the_split_is_seeded_and_disjoint(tmp_path: Path, tokenizer) -> None:  #
         return {tokenizer.decode(split.input_ids[a:b], skip_special_tokens=True)
                 for a, b in zip(split.offsets[:-1], split.offsets[1:])}
 
-    first = prepare(spec, tmp_path / "c1", 1, tokenizer, "minilm")
+    with caplog.at_level(logging.WARNING, logger="sweeper.finetune.data"):
+        first = prepare(spec, tmp_path / "c1", 1, tokenizer, "minilm")
+    assert not caplog.records  # whole sentences: nothing to warn about
     again = prepare(spec, tmp_path / "c2", 1, tokenizer, "minilm")
     other = prepare(spec, tmp_path / "c3", 2, tokenizer, "minilm")
     assert len(first.validation) == 50 and len(first.train) == 150

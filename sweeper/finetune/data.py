@@ -415,7 +415,7 @@ def _carve_text(spec: TextData | SyntheticText, rows: list[dict[str, str]], fiel
     if how == "random":
         if isinstance(spec, TextData) and texts and phrases.looks_phrase_level(texts, seed):
             logger.warning("most training examples lie inside longer ones (phrase-level data such as SST-2): "
-                           "a random validation split's figure flatters, by 6 to 7 points on SST-2; "
+                           "a random validation split's figure flatters, by 6 to 7.5 points on SST-2; "
                            "data.validation_split='sentences' gives an honest one (bench/validation_split.py)")
         train_idx, val_idx = _carve(len(rows), spec.validation_fraction, seed)
         return how, train_idx, val_idx, 0

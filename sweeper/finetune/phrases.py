@@ -14,7 +14,7 @@ The phrases stay in validation rather than being dropped: a few hundred sentence
 would be a noisy figure to select on.
 
 What it buys, measured (``bench/validation_split.py``, bench/README.md): an honest figure,
-within 1 to 2 points of SST-2 validation where a random split's is 6 to 7 points above it.
+within 1 to 2 points of SST-2 validation where a random split's is 6 to 7.5 points above it.
 What it costs: a held-out tree's phrases move together, so the same share of examples holds
 far fewer independent ones, and on a CPU-sized run the random split ranked trials better.
 Hence it is a choice (``TextData(validation_split="sentences")``), not the default.

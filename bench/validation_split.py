@@ -37,9 +37,8 @@ def treebank_piece(rows: list[tuple[str, int]], sentences: int, seed: int) -> li
     from sweeper.finetune import phrases
 
     texts = [s for s, _ in rows]
-    _, _, whole = phrases.sentence_split(texts, 1.0, seed)  # every sentence
-    chosen = random.Random(seed).sample(sorted(whole.tolist()), sentences)
-    inside = {h for i in chosen for h in phrases._runs(texts[i].split())}
+    chosen = random.Random(seed).sample(sorted(phrases.sentences(texts)), sentences)
+    inside = {h for i in chosen for h in phrases.phrase_hashes(texts[i].split())}
     return [row for row in rows if hash(" ".join(row[0].split())) in inside]
 
 

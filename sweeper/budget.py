@@ -85,7 +85,7 @@ def ensure_tickets(study: optuna.Study, n_trials: int, first: list[dict[str, Any
     trials = retrying(lambda: study.get_trials(deepcopy=False), what="reading trials")
     missing = max(0, n_trials - tally(trials).spent)
     queued = [t.system_attrs.get("fixed_params") or {} for t in trials]
-    fresh = [p for p in first or [] if not any(_same_params(p, q) for q in queued)][:missing]
+    fresh = [p for p in first or [] if p not in queued][:missing]  # JSON gives back 1e-4 as 1e-4
     for params in fresh:
         retrying(lambda: study.enqueue_trial(params), what="adding a first trial")
     for _ in range(missing - len(fresh)):
@@ -93,11 +93,6 @@ def ensure_tickets(study: optuna.Study, n_trials: int, first: list[dict[str, Any
     retrying(lambda: study._storage.set_study_system_attr(study._study_id, ATTR_N_TRIALS, n_trials),
              what="recording the budget")
     return missing
-
-
-def _same_params(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Equal parameter sets, as they come back from the storage (JSON: 1e-4 stays 1e-4)."""
-    return a.keys() == b.keys() and all(a[k] == b[k] for k in a)
 
 
 def out_of_time(study: optuna.Study) -> str | None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import ast
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import optuna
 
@@ -171,21 +171,21 @@ def _on_grid(offset: float, step: float) -> bool:
 
 
 def _check_bounds(name: str, low: float, high: float) -> list[str]:
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (low, high)):
+    if not all(_real(v) for v in (low, high)):
         return [f"`space.{name}` has bounds ({low!r}, {high!r}): both must be finite numbers"]
     if low > high:
         return [f"`space.{name}` has low={low:g} above high={high:g}: swap them"]
     return []
 
 
-def is_distribution(value: object) -> bool:
+def is_distribution(value: object) -> TypeGuard[Distribution]:
     return isinstance(value, (Float, LogFloat, Int, Categorical))
 
 
 def sample(space: dict[str, SpaceValue], trial: optuna.Trial) -> dict[str, Any]:
     """Draw every searched value of ``space`` through ``trial``; constants pass through."""
     return {
-        name: dist.suggest(trial, name) if is_distribution(dist) else dist  # type: ignore[union-attr]
+        name: dist.suggest(trial, name) if is_distribution(dist) else dist
         for name, dist in space.items()
     }
 
@@ -195,7 +195,7 @@ def check(space: dict[str, SpaceValue]) -> list[str]:
     problems: list[str] = []
     for name, dist in space.items():
         if is_distribution(dist):
-            problems.extend(dist.check(name))  # type: ignore[union-attr]
+            problems.extend(dist.check(name))
         elif not isinstance(dist, (bool, int, float, str, type(None))):
             problems.append(
                 f"`space.{name}` is {dist!r}: use Float, LogFloat, Int, Categorical or a plain value"
@@ -217,7 +217,7 @@ def first_trial_params(space: dict[str, SpaceValue], first_trials: Any) -> tuple
     if isinstance(first_trials, (str, dict)) or not isinstance(first_trials, (list, tuple)):
         return [], [f"`first_trials` is {first_trials!r}: give a list of dicts of searched values, "
                     f"or [{CENTER!r}] for the middle of the space"]
-    searched = {name: dist for name, dist in space.items() if isinstance(dist, (Float, LogFloat, Int, Categorical))}
+    searched = {name: dist for name, dist in space.items() if is_distribution(dist)}
     points: list[dict[str, Any]] = []
     problems: list[str] = []
     for k, entry in enumerate(first_trials):

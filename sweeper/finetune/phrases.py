@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -43,22 +43,16 @@ MAX_WORDS = 64  # longer texts (documents, not phrases) are never phrase-level
 MAX_RUNS = 30_000_000  # word runs hashed at most: beyond, the data is not phrase-level
 
 
-def _words(text: str) -> list[str]:
-    return text.split()
-
-
-def _runs(words: Sequence[str]) -> Iterator[int]:
-    """Hashes of every contiguous run of ``words`` (every phrase a sentence contains)."""
-    for start in range(len(words)):
-        for end in range(start + 1, len(words) + 1):
-            yield hash(" ".join(words[start:end]))
+def phrase_hashes(words: Sequence[str]) -> set[int]:
+    """Hashes of every contiguous run of ``words``: every phrase a sentence contains."""
+    return {hash(" ".join(words[start:end])) for start in range(len(words)) for end in range(start + 1, len(words) + 1)}
 
 
 def phrase_share(texts: Sequence[str], seed: int) -> float:
     """The share of (up to ``SAMPLE``) examples that occur inside a longer example."""
     if not 2 <= len(texts) <= MAX_EXAMPLES:
         return 0.0
-    normal = [" ".join(_words(t)) for t in texts]
+    normal = [" ".join(t.split()) for t in texts]
     copies = Counter(normal)
     joined = "\n".join(" " + t + " " for t in normal)
     sample = random.Random(seed).sample(range(len(texts)), min(SAMPLE, len(texts)))
@@ -72,10 +66,30 @@ def looks_phrase_level(texts: Sequence[str], seed: int) -> bool:
     """True for data like SST-2 train: short examples, many of them parts of others."""
     if not texts:
         return False
-    lengths = sorted(len(_words(t)) for t in texts)
+    lengths = sorted(len(t.split()) for t in texts)
     if lengths[len(lengths) // 2] > MAX_WORDS:
         return False
     return phrase_share(texts, seed) >= PHRASE_SHARE
+
+
+def sentences(texts: Sequence[str]) -> list[int]:
+    """Indices of the sentences of ``texts``: the examples that no other example contains."""
+    return _sentences([t.split() for t in texts])[0]
+
+
+def _sentences(words: list[list[str]]) -> tuple[list[int], Counter[int]]:
+    """The sentences, and for every phrase hash how many sentences contain it."""
+    holders: Counter[int] = Counter()
+    found: list[int] = []
+    for i in sorted(range(len(words)), key=lambda i: -len(words[i])):  # longest first
+        if hash(" ".join(words[i])) in holders:
+            continue  # inside a longer example (or a copy of one): not a sentence
+        found.append(i)
+        holders.update(phrase_hashes(words[i]))
+        if len(holders) > MAX_RUNS:
+            raise SweepError(f"the training texts are too long to split by sentences ({MAX_RUNS:,} word runs "
+                             "and more): set `data.validation_split` to 'random'")
+    return found, holders
 
 
 def sentence_split(texts: Sequence[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -86,27 +100,17 @@ def sentence_split(texts: Sequence[str], fraction: float, seed: int) -> tuple[np
     is those sentences and those phrases of them, about ``fraction`` of the examples. The
     third array is the held-out sentences alone (a part of validation).
     """
-    order = sorted(range(len(texts)), key=lambda i: -len(_words(texts[i])))  # longest first
-    holders: Counter[int] = Counter()  # phrase hash -> how many sentences contain it
-    sentences: list[int] = []
-    for i in order:
-        words = _words(texts[i])
-        if hash(" ".join(words)) in holders:
-            continue  # inside a longer example (or a copy of one): not a sentence
-        sentences.append(i)
-        holders.update(set(_runs(words)))
-        if len(holders) > MAX_RUNS:
-            raise SweepError(f"the training texts are too long to split by sentences ({MAX_RUNS:,} word runs "
-                             "and more): set `data.validation_split` to 'random'")
-    n_held = max(1, int(round(len(sentences) * fraction)))
-    whole = sorted(random.Random(seed).sample(sentences, min(n_held, len(sentences))))
+    words = [t.split() for t in texts]  # once: every step below reads them
+    found, holders = _sentences(words)
+    n_held = max(1, int(round(len(found) * fraction)))
+    whole = sorted(random.Random(seed).sample(found, min(n_held, len(found))))
     held: Counter[int] = Counter()
     for i in whole:
-        held.update(set(_runs(_words(texts[i]))))
+        held.update(phrase_hashes(words[i]))
     validation: list[int] = []
     train: list[int] = []
-    for i in range(len(texts)):
-        key = hash(" ".join(_words(texts[i])))
+    for i, w in enumerate(words):
+        key = hash(" ".join(w))
         # Inside held-out sentences only: training on it would show the model part of one.
         (validation if held[key] and held[key] == holders[key] else train).append(i)
     # Shuffled, as a random split's training part is (max_train_samples takes a prefix).

@@ -104,20 +104,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_launch(args: argparse.Namespace, join: bool = False) -> int:
-    from sweeper import study
+    from sweeper import processes, study
     from sweeper.launcher import Launcher, LaunchOptions
     from sweeper.storage import mask
 
     if args.keep is not None:  # the study's `keep`, overridden for this machine's workers too
         args.set = [*(args.set or []), f"keep={args.keep}"]
+    starter = processes.starter()
+    if Path(args.study).is_file():
+        starter.warm_up()  # the worker template imports torch while this process reads, checks and tokenises
     sweep = _load(args)
-    if not join:
-        study.check_model_fit(sweep, args.study)
-    # Tokenise here, once, before any worker starts: a missing data set is one line now rather
-    # than a failed trial per worker, and the workers start from the cache.
-    from sweeper.objective import prepare_data
-
-    prepare_data(sweep)
     url = _url(args, sweep)
     options = LaunchOptions(
         study_path=args.study, overrides=args.set or [], url=url, workers=args.workers,
@@ -127,7 +123,14 @@ def cmd_launch(args: argparse.Namespace, join: bool = False) -> int:
         gpu_hours=getattr(args, "gpu_hours", None), join=join, heartbeat_interval=args.heartbeat,
         grace_period=args.grace, progress=sys.stderr,
     )
-    launcher = Launcher(sweep, options)
+    launcher = Launcher(sweep, options, starter)
+    if not join:
+        study.check_model_fit(sweep, args.study)
+    # Tokenise here, once, before any worker starts: a missing data set is one line now rather
+    # than a failed trial per worker, and the workers start from the cache.
+    from sweeper.objective import prepare_data
+
+    prepare_data(sweep)
     devices = sorted({s.gpu for s in launcher.slots if s.gpu is not None})
     where = f"GPU {','.join(devices)}" if devices else "CPU"
     print(f"sweeper: {'joining' if join else 'launching'} {sweep.name!r} with {len(launcher.slots)} "

@@ -4,7 +4,8 @@ It creates the study (or resumes it), turns the budget into tickets, starts N wo
 their GPUs (``CUDA_VISIBLE_DEVICES``, round-robin, ``--workers-per-gpu`` per GPU), restarts a
 worker that died, fails stale trials itself so that a dead worker's trial is retried once its
 grace period passes, shows live progress, and on Ctrl-C or SIGTERM stops every worker
-cleanly: each hands its running trial back for a retry, so launching again resumes.
+cleanly: each hands its running trial back for a retry, so launching again resumes. Workers
+are forked from a template process that has imported PyTorch once (``processes.py``).
 ``sweeper worker`` runs the same launcher in *join* mode: it never creates the study or
 changes its budget.
 """
@@ -15,7 +16,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,7 +25,7 @@ from typing import Any, TextIO
 import optuna
 from optuna.trial import TrialState
 
-from sweeper import budget, checkpoints, finalize, liveness
+from sweeper import budget, checkpoints, finalize, liveness, processes
 from sweeper import space as space_mod
 from sweeper import storage as storage_mod
 from sweeper.errors import SweepError
@@ -66,7 +66,7 @@ class LaunchOptions:
 class Slot:
     index: int
     gpu: str | None
-    process: subprocess.Popen[bytes] | None = None
+    process: processes.WorkerProcess | None = None
     restarts: int = 0
     started_at: float = 0.0
     quick_deaths: int = 0  # consecutive deaths within QUICK_DEATH_S of a start
@@ -147,7 +147,7 @@ def prepare_study(sweep: Sweep, options: LaunchOptions) -> optuna.Study:
 
 
 class Launcher:
-    def __init__(self, sweep: Sweep, options: LaunchOptions) -> None:
+    def __init__(self, sweep: Sweep, options: LaunchOptions, starter: processes.Starter | None = None) -> None:
         self.sweep = sweep
         self.options = options
         self.slots = plan_slots(options)
@@ -155,6 +155,7 @@ class Launcher:
         self.started = time.time()
         self.logs = sweep.output_path / "logs"
         self._retry = RetryCallback(sweep.max_retries)
+        self.starter = starter or processes.starter()
 
     # ------------------------------------------------------------------ processes
 
@@ -165,24 +166,21 @@ class Launcher:
         env["PYTHONUNBUFFERED"] = "1"
         # Workers share the cores: one BLAS pool per worker with all the cores oversubscribes.
         env.setdefault("SWEEPER_THREADS", str(max(1, (os.cpu_count() or 1) // len(self.slots))))
-        command = [sys.executable, "-m", "sweeper", "_work", self.options.study_path,
-                   "--index", str(slot.index)]
+        argv = ["_work", self.options.study_path, "--index", str(slot.index)]
         for item in self.options.overrides:
-            command += ["--set", item]
+            argv += ["--set", item]
         if slot.gpu is not None:
-            command += ["--gpu", slot.gpu]
+            argv += ["--gpu", slot.gpu]
         if self.options.join:
-            command += ["--join"]
+            argv += ["--join"]
         if self.options.heartbeat_interval:
-            command += ["--heartbeat", str(self.options.heartbeat_interval)]
+            argv += ["--heartbeat", str(self.options.heartbeat_interval)]
         if self.options.grace_period:
-            command += ["--grace", str(self.options.grace_period)]
+            argv += ["--grace", str(self.options.grace_period)]
         self.logs.mkdir(parents=True, exist_ok=True)
         slot.log = self.logs / f"worker-{slot.index}.log"
         slot.started_at = time.time()
-        with open(slot.log, "ab") as log:
-            slot.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)  # Ctrl-C reaches us, not them
+        slot.process = self.starter.start(argv, env, slot.log)  # in its own session: Ctrl-C reaches us, not them
         logger.info("worker %d started (pid %d, %s)", slot.index, slot.process.pid,
                     f"GPU {slot.gpu}" if slot.gpu is not None else "CPU")
 
@@ -223,7 +221,7 @@ class Launcher:
             if slot.process is not None and slot.process.poll() is None:
                 try:
                     slot.process.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
+                except ProcessLookupError:  # gone since the poll
                     pass
 
     def _kill_all(self) -> None:

@@ -33,7 +33,8 @@ def _launch(study: Path, url: str, *args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "SWEEPER_STORAGE": url}
     return subprocess.Popen([sys.executable, "-m", "sweeper", "launch", str(study), "--heartbeat", "1",
                              "--grace", "6", *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)  # its own process group, as at a terminal
 
 
 class _Watcher:
@@ -151,8 +152,11 @@ def test_ctrl_c_stops_every_worker_cleanly_and_launching_again_resumes(tmp_path:
     study = write_study(tmp_path, TINY_STUDY)
     sets = _sets([*SLOW_TRIALS, "n_trials=2"])  # one trial for each worker, both caught mid-training
     launcher = _launch(study, url, "--workers", "2", *sets)
-    _wait_for(url, _mid_training, launcher)
-    launcher.send_signal(signal.SIGINT)
+    caught = _wait_for(url, _mid_training, launcher)
+    # A terminal's Ctrl-C goes to the whole foreground process group; the workers are in
+    # sessions of their own, so only the launcher gets it and stops them in order.
+    assert os.getsid(caught.user_attrs["pid"]) == caught.user_attrs["pid"] != os.getsid(launcher.pid)
+    os.killpg(launcher.pid, signal.SIGINT)
     out, err = launcher.communicate(timeout=120)
     assert launcher.returncode == 130, err[-3000:]
     trials = _trials(url)
@@ -213,14 +217,18 @@ def test_impossible_gpu_plans_are_refused(kw: dict, message: str) -> None:  # ty
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_gpu_hours_budget_stops_new_trials_across_the_sweep(tmp_path: Path) -> None:
-    """0.0002 GPU-hours (0.72 device-seconds) is spent by the first trial: none starts after it."""
+    """0.00002 GPU-hours (0.072 device-seconds) is spent by the first trial (1,600 sentences, a few
+    tenths of a second even in a worker that starts with everything imported): none starts after it."""
     study = write_study(tmp_path, TINY_STUDY)
-    result = run_cli("launch", str(study), "--workers", "1", "--n-trials", "5", "--gpu-hours", "0.0002")
+    result = run_cli("launch", str(study), "--workers", "1", "--n-trials", "5", "--gpu-hours", "0.00002",
+                     "--set", "data.n_train=1600")
     assert result.returncode == 0, result.stderr[-3000:]
-    tally = budget.tally(_trials(f"sqlite:///{tmp_path / 'out' / 'study.db'}"))
+    trials = _trials(f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    tally = budget.tally(trials)
     assert (tally.finished, tally.waiting) == (1, 4)
+    assert budget.gpu_seconds_spent(trials) >= 0.072
     log = (tmp_path / "out" / "logs" / "worker-0.log").read_text()
-    assert "GPU-hours budget (0.0002 h) is spent" in log
+    assert "GPU-hours budget (2e-05 h) is spent" in log
 
 
 def test_no_trial_starts_after_the_deadline(tmp_path: Path) -> None:

@@ -1,0 +1,125 @@
+"""Workers forked from the template process: the same results as fresh interpreters, and every
+way the template can go wrong costs import time, never a trial."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from sweeper import processes
+from sweeper.errors import SweepError
+from tests.helpers import TINY_STUDY, run_cli, write_study
+from tests.test_launcher import SLOW_TRIALS, _launch, _mid_training, _retry_of, _sets, _trials, _wait_for
+
+
+def _trial_record(url: str) -> list[tuple[int, str, float | None, dict]]:  # type: ignore[type-arg]
+    study = optuna.load_study(study_name="tiny", storage=url)
+    return [(t.number, t.state.name, t.value, t.params) for t in study.trials]
+
+
+def _parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.slow
+def test_workers_forked_from_the_template_compute_what_fresh_interpreters_compute(tmp_path: Path) -> None:
+    # One worker, so that the sampler sees the trials in the same order both times.
+    records, logs = {}, {}
+    for mode in processes.START_MODES:
+        folder = tmp_path / mode
+        folder.mkdir()
+        study = write_study(folder, TINY_STUDY)
+        result = run_cli("launch", str(study), "--workers", "1", "--set", "n_trials=3",
+                         env={processes.ENV_START: mode})
+        assert result.returncode == 0, result.stderr[-3000:]
+        records[mode] = _trial_record(f"sqlite:///{folder / 'out' / 'study.db'}")
+        logs[mode] = (folder / "out" / "logs" / "worker-0.log").read_text()
+    assert records["template"] == records["fresh"]
+    assert len(records["template"]) == 3 and all(state != "FAIL" for _, state, _, _ in records["template"])
+    for log in logs.values():  # the worker's own lines went to its log, and nothing else did
+        assert "worker 0 starts trial 2" in log and "fresh interpreter" not in log
+
+
+@pytest.mark.slow
+def test_a_template_that_touched_cuda_makes_each_worker_start_afresh(tmp_path: Path) -> None:
+    study = write_study(tmp_path, TINY_STUDY)
+    result = run_cli("launch", str(study), "--workers", "1", "--set", "n_trials=2",
+                     env={processes.ENV_PRELOAD: "tests.template_probes.touches_cuda"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "out" / "logs" / "worker-0.log").read_text()
+    assert log.count("starts as a fresh interpreter instead") == 1
+    assert "worker 0 starts trial 1" in log
+    states = [state for _, state, _, _ in _trial_record(f"sqlite:///{tmp_path / 'out' / 'study.db'}")]
+    assert len(states) == 2 and "FAIL" not in states
+
+
+@pytest.mark.slow
+def test_a_template_that_dies_while_importing_leaves_the_workers_to_fresh_interpreters(tmp_path: Path) -> None:
+    study = write_study(tmp_path, TINY_STUDY)
+    result = run_cli("launch", str(study), "--workers", "2", "--set", "n_trials=4",
+                     env={processes.ENV_PRELOAD: "tests.template_probes.dies"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "worker template cannot start workers" in line]
+    assert len(warnings) == 1 and "SWEEPER_WORKER_START=fresh" in warnings[0]
+    states = [state for _, state, _, _ in _trial_record(f"sqlite:///{tmp_path / 'out' / 'study.db'}")]
+    assert len(states) == 4 and "FAIL" not in states
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_dead_template_neither_fails_its_running_workers_nor_stops_restarts(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = write_study(tmp_path, TINY_STUDY)
+    launcher = _launch(study, url, "--workers", "1", *_sets([*SLOW_TRIALS, "n_trials=2"]))
+    first = _wait_for(url, _mid_training, launcher)
+    worker = first.user_attrs["pid"]
+    template = _parent_of(worker)
+    assert template not in (launcher.pid, os.getpid())
+    os.kill(template, signal.SIGKILL)
+    # The worker goes on: its trial finishes as it would have, and it claims the next.
+    second = _wait_for(url, lambda t: t.number == 1 and _mid_training(t), launcher)
+    assert second.user_attrs["pid"] == worker
+    os.kill(worker, signal.SIGKILL)  # now a restart, which needs a new template
+    out, err = launcher.communicate(timeout=240)
+    assert launcher.returncode == 0, err[-3000:]
+    assert err.count("restarting it") == 1
+    trials = _trials(url)
+    assert trials[0].state == TrialState.COMPLETE and "fail_reason" not in trials[0].user_attrs
+    assert trials[1].state == TrialState.FAIL and "died" in trials[1].user_attrs["fail_reason"]
+    retry = _retry_of(trials, 1)
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_step"] > 0
+    assert retry.user_attrs["pid"] != worker
+
+
+def test_an_unknown_start_mode_is_refused_with_the_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(processes.ENV_START, "threads")
+    with pytest.raises(SweepError, match="SWEEPER_WORKER_START is 'threads': use template .* or fresh"):
+        processes.starter()
+
+
+def test_the_template_imports_sweepers_modules_and_the_users(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(processes.ENV_PRELOAD, "my_tokenizers, peft,torchvision")
+    chosen = processes.starter()
+    assert isinstance(chosen, processes.TemplateStarter)
+    assert chosen.imports == [*processes.CORE_IMPORTS, *processes.MODEL_IMPORTS, "my_tokenizers", "peft"]
+    monkeypatch.setenv(processes.ENV_START, "fresh")
+    assert isinstance(processes.starter(), processes.FreshStarter)
+
+
+def test_a_zombie_or_a_vanished_process_is_not_running() -> None:
+    assert processes._running(os.getpid())
+    child = subprocess.Popen(["true"])
+    deadline = time.time() + 10
+    while processes._running(child.pid) and time.time() < deadline:
+        time.sleep(0.05)  # it exits, and stays a zombie until it is waited for
+    assert not processes._running(child.pid)
+    child.wait()
+    assert not processes._running(child.pid)

@@ -7,7 +7,7 @@
 #   bash bench/gpu_session.sh quality-baseline    # Trainer.hyperparameter_search, 420 s; ~8 min
 #   bash bench/gpu_session.sh quality-sweep FILE  # the sweep against FILE (the baseline's JSON), twice; ~8 min
 #   bash bench/gpu_session.sh full-train          # the sweep on all of SST-2 train, 300 s; ~7 min
-#   bash bench/gpu_session.sh check               # seconds: the wheels install, the GPU answers
+#   bash bench/gpu_session.sh check               # the wheels install, the GPU answers, 6 workers start; ~2 min
 #
 # Run from the project root on the GPU machine, with .gpu carried (../shared/gpu/prep.sh made
 # it here). Each script's figures go to $OUT as JSON beside the whole log; a step whose
@@ -48,6 +48,9 @@ main() {
         check)
             step nvidia-smi 1 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
             step versions 1 python3 -c "import torch, transformers, optuna; print(torch.__version__, transformers.__version__, optuna.__version__, torch.cuda.get_device_name(0))"
+            # Six workers on the GPU, forked from the template against fresh interpreters.
+            step worker-start 2 python3 bench/worker_start.py --model minilm --workers 6 --workers-per-gpu 6 \
+                --repeats 2 --json "$out/worker_start.json"
             ;;
         speed)
             # Eager sweeper was measured at 1.43x on an H100; what is new is the compiled step.

@@ -240,6 +240,9 @@ def cmd_env(args: argparse.Namespace) -> int:
     from sweeper.storage import ENV_STORAGE, mask
 
     lines.append(f"{ENV_STORAGE}={mask(os.environ[ENV_STORAGE]) if ENV_STORAGE in os.environ else '(unset)'}")
+    from sweeper.processes import ENV_PRELOAD, ENV_START
+
+    lines += [f"{name}={os.environ.get(name, '(unset)')}" for name in (ENV_START, ENV_PRELOAD)]
     print("\n".join(lines))
     return 0
 
@@ -355,7 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt,
                        description="Create the study (or resume it), then run worker processes on this "
                                    "machine until the budget is spent. Ctrl-C stops cleanly; launching "
-                                   "again resumes.",
+                                   "again resumes. Workers are forked from a template process that "
+                                   "imports PyTorch once (SWEEPER_WORKER_START=fresh: a new interpreter "
+                                   "each).",
                        epilog=_examples("sweeper launch studies/quickstart.py --workers 2",
                                         "sweeper launch studies/bert_sst2.py --workers 8 --workers-per-gpu 2",
                                         "SWEEPER_STORAGE=postgresql+psycopg2://u:p@db/sweeps sweeper launch studies/bert_sst2.py"))
@@ -369,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="join a running sweep from this machine",
                        formatter_class=fmt,
                        description="Run workers for a study that `sweeper launch` created on a shared "
-                                   "storage; never creates the study or changes its budget.",
+                                   "storage; never creates the study or changes its budget. Workers start "
+                                   "as for `sweeper launch`.",
                        epilog=_examples("SWEEPER_STORAGE=postgresql+psycopg2://u:p@db/sweeps sweeper worker studies/bert_sst2.py --workers 4"))
     _add_study(p)
     _add_workers(p)

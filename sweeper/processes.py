@@ -52,7 +52,7 @@ START_MODES = ("template", "fresh")
 CORE_IMPORTS = ("sweeper.cli", "sweeper.worker", "sweeper.objective", "sweeper.checkpoints", "safetensors.torch")
 MODEL_IMPORTS = ("transformers.modeling_utils", "transformers.masking_utils", "transformers.models.auto.modeling_auto",
                  "transformers.models.bert.modeling_bert", "torchvision")
-FORKED_CODE_EXIT = 255  # what multiprocessing reports when it lost track of a forked process
+LOST_EXIT_CODE = 255  # what multiprocessing reports for a child whose template died before it
 
 
 class WorkerProcess(Protocol):
@@ -102,9 +102,11 @@ class ForkedWorker:
 
     def poll(self) -> int | None:
         code = self._process.exitcode
-        if code == FORKED_CODE_EXIT and _running(self._pid):
-            # The template died, so nobody can tell us this worker's exit code; it is still
-            # running (its trial must not be failed as a dead worker's). Ask the kernel instead.
+        if code == LOST_EXIT_CODE and _running(self._pid):
+            # The template died, and with it the only process that can tell this worker's exit
+            # code. The worker still runs, and its trial must not be failed as a dead one's: ask
+            # the kernel until it ends. (Its own exit code is lost then; the launcher takes it
+            # for a death, and the worker it starts instead finds the budget spent, or goes on.)
             return None
         return code
 
@@ -173,16 +175,17 @@ def starter() -> Starter:
 def _running(pid: int) -> bool:
     """Whether ``pid`` is a live process (a zombie is not: nobody may be left to reap it)."""
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
-    except OSError:  # no /proc: ask the kernel the plain way
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
+    except PermissionError:  # someone else's process took the number: ours is gone
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except OSError:  # no /proc (macOS): a zombie passes for a live process there
         return True
+    return state not in ("Z", "X")
 
 
 def _forked_main(argv: list[str], env: dict[str, str], log: str) -> None:

@@ -31,46 +31,37 @@ def _parent_of(pid: int) -> int:
 
 @pytest.mark.slow
 def test_workers_forked_from_the_template_compute_what_fresh_interpreters_compute(tmp_path: Path) -> None:
-    # One worker, so that the sampler sees the trials in the same order both times.
+    """The same sweep twice: with workers forked from the template, and with a template that
+    touched CUDA, whose workers therefore start as fresh interpreters (exec, as
+    SWEEPER_WORKER_START=fresh would start them). One worker, so that the sampler sees the
+    trials in the same order both times."""
     records, logs = {}, {}
-    for mode in processes.START_MODES:
-        folder = tmp_path / mode
+    for case, env in (("forked", {}), ("fresh", {processes.ENV_PRELOAD: "tests.template_probes.touches_cuda"})):
+        folder = tmp_path / case
         folder.mkdir()
         study = write_study(folder, TINY_STUDY)
-        result = run_cli("launch", str(study), "--workers", "1", "--set", "n_trials=3",
-                         env={processes.ENV_START: mode})
+        result = run_cli("launch", str(study), "--workers", "1", "--set", "n_trials=3", env=env)
         assert result.returncode == 0, result.stderr[-3000:]
-        records[mode] = _trial_record(f"sqlite:///{folder / 'out' / 'study.db'}")
-        logs[mode] = (folder / "out" / "logs" / "worker-0.log").read_text()
-    assert records["template"] == records["fresh"]
-    assert len(records["template"]) == 3 and all(state != "FAIL" for _, state, _, _ in records["template"])
-    for log in logs.values():  # the worker's own lines went to its log, and nothing else did
-        assert "worker 0 starts trial 2" in log and "fresh interpreter" not in log
-
-
-@pytest.mark.slow
-def test_a_template_that_touched_cuda_makes_each_worker_start_afresh(tmp_path: Path) -> None:
-    study = write_study(tmp_path, TINY_STUDY)
-    result = run_cli("launch", str(study), "--workers", "1", "--set", "n_trials=2",
-                     env={processes.ENV_PRELOAD: "tests.template_probes.touches_cuda"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    log = (tmp_path / "out" / "logs" / "worker-0.log").read_text()
-    assert log.count("starts as a fresh interpreter instead") == 1
-    assert "worker 0 starts trial 1" in log
-    states = [state for _, state, _, _ in _trial_record(f"sqlite:///{tmp_path / 'out' / 'study.db'}")]
-    assert len(states) == 2 and "FAIL" not in states
+        records[case] = _trial_record(f"sqlite:///{folder / 'out' / 'study.db'}")
+        logs[case] = (folder / "out" / "logs" / "worker-0.log").read_text()
+    assert records["forked"] == records["fresh"]
+    assert len(records["forked"]) == 3 and all(state != "FAIL" for _, state, _, _ in records["forked"])
+    for log in logs.values():  # the worker's own lines went to its log
+        assert "worker 0 starts trial 2" in log
+    assert "starts as a fresh interpreter instead" not in logs["forked"]
+    assert logs["fresh"].count("starts as a fresh interpreter instead") == 1
 
 
 @pytest.mark.slow
 def test_a_template_that_dies_while_importing_leaves_the_workers_to_fresh_interpreters(tmp_path: Path) -> None:
     study = write_study(tmp_path, TINY_STUDY)
-    result = run_cli("launch", str(study), "--workers", "2", "--set", "n_trials=4",
+    result = run_cli("launch", str(study), "--workers", "1", "--set", "n_trials=2",
                      env={processes.ENV_PRELOAD: "tests.template_probes.dies"})
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stderr.splitlines() if "worker template cannot start workers" in line]
     assert len(warnings) == 1 and "SWEEPER_WORKER_START=fresh" in warnings[0]
     states = [state for _, state, _, _ in _trial_record(f"sqlite:///{tmp_path / 'out' / 'study.db'}")]
-    assert len(states) == 4 and "FAIL" not in states
+    assert len(states) == 2 and "FAIL" not in states
 
 
 @pytest.mark.slow

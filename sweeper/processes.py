@@ -207,6 +207,8 @@ def _forked_main(argv: list[str], env: dict[str, str], log: str) -> None:
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(write_through=True)  # PYTHONUNBUFFERED, as the launcher sets it
     sys.argv = ["sweeper", *argv]
+    if os.getcwd() not in sys.path:  # `python -m sweeper` puts the working folder first: so do we
+        sys.path.insert(0, os.getcwd())
     from sweeper.cli import main
 
     try:

@@ -97,9 +97,12 @@ def one_launch(folder: Path, args: argparse.Namespace, mode: str) -> dict[str, A
         at = trial.datetime_complete.timestamp() - started
         pid = int(trial.user_attrs["pid"])
         first_by_worker[pid] = min(at, first_by_worker.get(pid, at))
+    # A worker forked from a template that had touched CUDA starts afresh and says so (processes.py).
+    fallbacks = sum(log.read_text(errors="replace").count("starts as a fresh interpreter instead")
+                    for log in (folder / "out" / "logs").glob("worker-*.log"))
     return {"mode": mode, "first_result_s": min(first_by_worker.values()),
             "every_workers_first_s": max(first_by_worker.values()), "launch_s": wall,
-            "workers_seen": len(first_by_worker), "trials": len(trials)}
+            "workers_seen": len(first_by_worker), "trials": len(trials), "fresh_fallbacks": fallbacks}
 
 
 def main() -> None:
@@ -125,7 +128,9 @@ def main() -> None:
                 runs.append(run)
                 print(f"repeat {repeat + 1}, {mode:8s}: first result after {run['first_result_s']:.2f} s, "
                       f"every one of {run['workers_seen']} workers' first after {run['every_workers_first_s']:.2f} s, "
-                      f"launch {run['launch_s']:.2f} s", flush=True)
+                      f"launch {run['launch_s']:.2f} s"
+                      + (f"; {run['fresh_fallbacks']} workers had to start afresh" if run["fresh_fallbacks"] else ""),
+                      flush=True)
 
     rows = []
     for mode in ("fresh", "template"):

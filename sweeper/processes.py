@@ -138,23 +138,31 @@ class TemplateStarter:
         """Start the template now, so that it imports while the launcher prepares the data."""
         from multiprocessing import forkserver
 
-        self._context.set_forkserver_preload(self.imports)
-        forkserver.ensure_running()
+        if self._broken is not None:
+            return
+        try:
+            self._context.set_forkserver_preload(self.imports)
+            forkserver.ensure_running()  # a no-op while it runs; a new template if the last one died
+        except OSError as exc:  # no room for its socket in the temporary folder, no processes left
+            self._give_up(exc)
 
     def start(self, argv: Sequence[str], env: dict[str, str], log: Path) -> WorkerProcess:
+        self.warm_up()
         if self._broken is None:
+            process = self._context.Process(target=_forked_main, args=(list(argv), dict(env), str(log)),
+                                            name=f"sweeper {' '.join(argv[:2])}")
             try:
-                self.warm_up()  # a no-op while it runs; a new template if the last one died
-                process = self._context.Process(target=_forked_main, args=(list(argv), dict(env), str(log)),
-                                                name=f"sweeper {' '.join(argv[:2])}")
                 process.start()
                 return ForkedWorker(process)
-            except (OSError, EOFError) as exc:  # it could not be started, or died importing
-                self._broken = f"{type(exc).__name__}: {exc}"
-                logger.warning("the worker template cannot start workers (%s); starting each worker "
-                               "as a new interpreter instead (%s=fresh does so from the start)",
-                               self._broken, ENV_START)
+            except (OSError, EOFError) as exc:  # it could not fork, or died importing
+                self._give_up(exc)
         return FreshStarter().start(argv, env, log)
+
+    def _give_up(self, exc: BaseException) -> None:
+        """From now on every worker starts as a new interpreter; said once."""
+        self._broken = f"{type(exc).__name__}: {exc}"
+        logger.warning("the worker template cannot start workers (%s); starting each worker as a new "
+                       "interpreter instead (%s=fresh does so from the start)", self._broken, ENV_START)
 
 
 Starter = FreshStarter | TemplateStarter

@@ -69,23 +69,23 @@ def test_a_template_that_dies_while_importing_leaves_the_workers_to_fresh_interp
 def test_a_dead_template_neither_fails_its_running_workers_nor_stops_restarts(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'study.db'}"
     study = write_study(tmp_path, TINY_STUDY)
-    launcher = _launch(study, url, "--workers", "1", *_sets([*SLOW_TRIALS, "n_trials=2"]))
+    launcher = _launch(study, url, "--workers", "1", *_sets(SLOW_TRIALS))
     first = _wait_for(url, _mid_training, launcher)
     worker = first.user_attrs["pid"]
     template = _parent_of(worker)
     assert template not in (launcher.pid, os.getpid())
     os.kill(template, signal.SIGKILL)
     # The worker goes on: its trial finishes as it would have, and it claims the next.
-    second = _wait_for(url, lambda t: t.number == 1 and _mid_training(t), launcher)
-    assert second.user_attrs["pid"] == worker
+    later = _wait_for(url, lambda t: t.number > first.number and _mid_training(t), launcher)
+    assert later.user_attrs["pid"] == worker
     os.kill(worker, signal.SIGKILL)  # now a restart, which needs a new template
     out, err = launcher.communicate(timeout=240)
     assert launcher.returncode == 0, err[-3000:]
     assert err.count("restarting it") == 1
-    trials = _trials(url)
-    assert trials[0].state == TrialState.COMPLETE and "fail_reason" not in trials[0].user_attrs
-    assert trials[1].state == TrialState.FAIL and "died" in trials[1].user_attrs["fail_reason"]
-    retry = _retry_of(trials, 1)
+    trials = {t.number: t for t in _trials(url)}
+    assert trials[first.number].state == TrialState.COMPLETE and "fail_reason" not in trials[first.number].user_attrs
+    assert trials[later.number].state == TrialState.FAIL and "died" in trials[later.number].user_attrs["fail_reason"]
+    retry = _retry_of(list(trials.values()), later.number)
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_step"] > 0
     assert retry.user_attrs["pid"] != worker
 
@@ -114,3 +114,23 @@ def test_a_zombie_or_a_vanished_process_is_not_running() -> None:
     assert not processes._running(child.pid)
     child.wait()
     assert not processes._running(child.pid)
+
+
+def test_a_template_that_cannot_start_leaves_each_worker_to_a_new_interpreter(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from multiprocessing import forkserver
+
+    def no_room() -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(forkserver, "ensure_running", no_room)
+    starter = processes.TemplateStarter()
+    starter.warm_up()
+    logs = [tmp_path / f"worker-{k}.log" for k in range(2)]
+    started = [starter.start(["--version"], dict(os.environ), log) for log in logs]
+    assert all(isinstance(process, subprocess.Popen) for process in started)
+    for process, log in zip(started, logs):
+        assert process.wait(timeout=60) == 0
+        assert log.read_text().startswith("sweeper ")  # the worker's output went to its log
+    [warning] = [r.getMessage() for r in caplog.records if "cannot start workers" in r.getMessage()]
+    assert "No space left on device" in warning and "SWEEPER_WORKER_START=fresh" in warning

@@ -76,8 +76,6 @@ def worker_command(argv: Sequence[str]) -> list[str]:
 class FreshStarter:
     """Every worker a new interpreter (``SWEEPER_WORKER_START=fresh``, or no fork on this OS)."""
 
-    mode = "fresh"
-
     def warm_up(self) -> None:
         pass
 
@@ -126,8 +124,6 @@ class TemplateStarter:
     The template is multiprocessing's fork server, one per launcher process: the first
     starter's ``imports`` are the ones it holds.
     """
-
-    mode = "template"
 
     def __init__(self, imports: Sequence[str] = ()) -> None:
         self.imports = list(dict.fromkeys([*CORE_IMPORTS, *MODEL_IMPORTS, *imports]))

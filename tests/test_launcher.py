@@ -96,6 +96,14 @@ def _mid_training(trial: FrozenTrial) -> bool:
             and progress.get("evaluation", 99) <= 4)
 
 
+def _caught_mid_trial(tmp_path: Path) -> tuple[str, subprocess.Popen[str], FrozenTrial]:
+    """A one-worker sweep of SLOW_TRIALS on SQLite, and the first trial caught mid-training."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = write_study(tmp_path, TINY_STUDY)
+    launcher = _launch(study, url, "--workers", "1", *_sets(SLOW_TRIALS))
+    return url, launcher, _wait_for(url, _mid_training, launcher)
+
+
 def _retry_of(trials: list[FrozenTrial], number: int) -> FrozenTrial:
     [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == number]
     return retry
@@ -106,10 +114,7 @@ def _retry_of(trials: list[FrozenTrial], number: int) -> FrozenTrial:
 def test_kill_9_of_a_worker_mid_trial_resumes_the_trial_from_its_checkpoint(tmp_path: Path) -> None:
     # On SQLite only, to keep the suite short: the same reaping and resume on PostgreSQL are
     # shown by tests/test_workers.py and tests/test_storage.py (a server restart mid-sweep).
-    storage_url = f"sqlite:///{tmp_path / 'study.db'}"
-    study = write_study(tmp_path, TINY_STUDY)
-    launcher = _launch(study, storage_url, "--workers", "1", *_sets(SLOW_TRIALS))
-    victim = _wait_for(storage_url, _mid_training, launcher)
+    storage_url, launcher, victim = _caught_mid_trial(tmp_path)
     saved_step = victim.user_attrs[checkpoints.USER_RESUME]["step"]
     os.kill(victim.user_attrs["pid"], signal.SIGKILL)
     out, err = launcher.communicate(timeout=240)
@@ -129,10 +134,7 @@ def test_kill_9_of_a_worker_mid_trial_resumes_the_trial_from_its_checkpoint(tmp_
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_sigterm_checkpoints_hands_back_and_the_retry_resumes_at_that_step(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'study.db'}"
-    study = write_study(tmp_path, TINY_STUDY)
-    launcher = _launch(study, url, "--workers", "1", *_sets(SLOW_TRIALS))
-    victim = _wait_for(url, _mid_training, launcher)
+    url, launcher, victim = _caught_mid_trial(tmp_path)
     os.kill(victim.user_attrs["pid"], signal.SIGTERM)
     out, err = launcher.communicate(timeout=240)
     assert launcher.returncode == 0, err[-3000:]

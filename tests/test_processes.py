@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from sweeper import processes
 from sweeper.errors import SweepError
 from tests.helpers import TINY_STUDY, run_cli, write_study
-from tests.test_launcher import SLOW_TRIALS, _launch, _mid_training, _retry_of, _sets, _trials, _wait_for
+from tests.test_launcher import _caught_mid_trial, _mid_training, _retry_of, _trials, _wait_for
 
 
 def _trial_record(url: str) -> list[tuple[int, str, float | None, dict]]:  # type: ignore[type-arg]
@@ -67,10 +67,7 @@ def test_a_template_that_dies_while_importing_leaves_the_workers_to_fresh_interp
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_a_dead_template_neither_fails_its_running_workers_nor_stops_restarts(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'study.db'}"
-    study = write_study(tmp_path, TINY_STUDY)
-    launcher = _launch(study, url, "--workers", "1", *_sets(SLOW_TRIALS))
-    first = _wait_for(url, _mid_training, launcher)
+    url, launcher, first = _caught_mid_trial(tmp_path)
     worker = first.user_attrs["pid"]
     template = _parent_of(worker)
     assert template not in (launcher.pid, os.getpid())

@@ -208,15 +208,21 @@ def _open_grpc(url: str) -> optuna.storages.BaseStorage:
     return proxy
 
 
-def _lost_schema_race(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    if isinstance(exc, sqlalchemy.exc.OperationalError) and "database is locked" in text:
-        # SQLite: the set-up reads the schema, then writes; a read transaction that another
-        # process wrote behind cannot wait to become a writer, so SQLite refuses it at once
-        # instead of waiting out the busy timeout.
-        return True
-    return isinstance(exc, (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError)) and (
-        "already exists" in text or "duplicate key" in text)
+def _lost_schema_race(exc: BaseException | None) -> bool:
+    # Optuna wraps some failures of its set-up (the `version_info` row's commit) in its
+    # StorageInternalError: the database's own error is the cause.
+    while exc is not None:
+        text = str(exc).lower()
+        if isinstance(exc, sqlalchemy.exc.OperationalError) and "database is locked" in text:
+            # SQLite: the set-up reads the schema, then writes; a read transaction that another
+            # process wrote behind cannot wait to become a writer, so SQLite refuses it at once
+            # instead of waiting out the busy timeout.
+            return True
+        if isinstance(exc, (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError)) and (
+                "already exists" in text or "duplicate key" in text):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def explain(exc: BaseException, url: str) -> SweepError:

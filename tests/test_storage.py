@@ -159,3 +159,20 @@ def test_processes_opening_a_new_database_at_once_all_succeed(backend: str, tmp_
                                   stderr=subprocess.PIPE, text=True) for _ in range(6)]
     errors = [p.communicate(timeout=120)[1] for p in processes]
     assert [p.returncode for p in processes] == [0] * 6, "\n".join(e[-800:] for e in errors if e)
+
+
+def test_a_locked_database_inside_optunas_own_error_is_a_lost_schema_race_too() -> None:
+    # Seen once in CI: the launcher's first open of a new SQLite file lost to a reader while
+    # committing Optuna's version_info row, which Optuna reports as its StorageInternalError.
+    from sweeper.storage import _lost_schema_race
+
+    locked = sqlalchemy.exc.OperationalError("INSERT INTO version_info ...", {}, Exception("database is locked"))
+    try:
+        try:
+            raise locked
+        except sqlalchemy.exc.OperationalError as cause:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from cause
+    except optuna.exceptions.StorageInternalError as wrapped:
+        assert _lost_schema_race(wrapped)
+    assert not _lost_schema_race(optuna.exceptions.StorageInternalError("disk I/O error"))
+    assert not _lost_schema_race(sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("no such table: studies")))

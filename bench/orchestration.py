@@ -16,7 +16,7 @@ a distinct seed per worker) and pruner (median):
   process running ``sweeper.worker.serve``, the loop real workers run: claiming tickets,
   reaping stale trials, the deadline and GPU-hours checks, owner records, heartbeats;
 - sweeper as it was before issue 7's fix, its storage reading the unclaimed tickets in full
-  at every read of the study (``budget.read_tickets_lightly`` not applied).
+  at every read of the study (``optuna_adapter.read_tickets_lightly`` not applied).
 
 Processes connect and load the study before the clock starts. Per-trial time is the span
 of the trials (first start to last end, by the storage's clock, plus the tickets' creation
@@ -74,7 +74,7 @@ def worker(kind: str, url: str, name: str, index: int, n_trials: int, ready: Any
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("sweeper").setLevel(logging.WARNING)
-    from sweeper import budget
+    from sweeper import optuna_adapter
     from sweeper import storage as storage_mod
     from sweeper.worker import Outcome, RetryCallback, serve
 
@@ -85,7 +85,7 @@ def worker(kind: str, url: str, name: str, index: int, n_trials: int, ready: Any
         storage = storage_mod.open_storage(url, heartbeat_interval=20, grace_period=120,
                                            stale_trial_callback=retry, create_tables=False)
         if kind == "sweeper":
-            budget.read_tickets_lightly(storage)
+            optuna_adapter.read_tickets_lightly(storage)
     else:
         heartbeat = 20 if kind == "optuna+heartbeat" else None
         storage = storage_mod.open_storage(url, heartbeat_interval=heartbeat, grace_period=120 if heartbeat else None,

@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper import checkpoints, finalize
+from sweeper import checkpoints, finalize, record
 from sweeper.errors import SweepError
 from sweeper.study import Sweep
 
@@ -25,7 +25,7 @@ def choose(sweep: Sweep, study: optuna.Study, trial_number: int | None = None) -
     """The best complete trial with a checkpoint, or trial ``trial_number``."""
     trials = study.get_trials(deepcopy=False)
     if trial_number is None:
-        ranked = checkpoints.ranked(trials, study.direction.name.lower())
+        ranked = record.ranked(trials, study.direction)
         if not ranked:
             counts = {s: sum(t.state == s for t in trials) for s in TrialState}
             raise SweepError(
@@ -53,7 +53,7 @@ def export(sweep: Sweep, study: optuna.Study, out: Path, trial_number: int | Non
     removed_by = checkpoints.deleted_by(study, trial.number)
     if removed_by is not None:
         gone = checkpoints.deleted(study)
-        ranked = checkpoints.ranked(study.get_trials(deepcopy=False), study.direction.name.lower())
+        ranked = record.ranked(study.get_trials(deepcopy=False), study.direction)
         kept = [t.number for t in ranked if t.number not in gone]
         raise SweepError(f"the checkpoint of trial {trial.number} was removed by keep-top-"
                          f"{removed_by or 'k'}: pick one of the kept trials {kept} with --trial N")
@@ -62,11 +62,11 @@ def export(sweep: Sweep, study: optuna.Study, out: Path, trial_number: int | Non
     checkpoints.download_model(store, trial, out)
     metrics = {
         "trial": trial.number, "metric": sweep.metric, "direction": study.direction.name.lower(),
-        "value": trial.value, "best_evaluation": trial.user_attrs.get("best_evaluation"),
-        "validation": {k[4:]: v for k, v in trial.user_attrs.items() if k.startswith("val_")},
+        "value": trial.value, "best_evaluation": record.BEST_EVALUATION.get(trial),
+        "validation": record.VALIDATION.items(trial),
         "intermediate_values": trial.intermediate_values,
     }
-    test = study.user_attrs.get(finalize.test_key(trial.number))
+    test = record.TEST.get(study, trial.number)
     if evaluate and test is None:  # the folder just handed out, so the figure is of exactly it
         test = finalize.evaluate_folder(sweep, out)
         finalize.record_test(study, trial.number, test, sweep.metric)

@@ -45,19 +45,15 @@ import torch
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, TrialState
 
+from sweeper import record
 from sweeper.errors import SweepError
 from sweeper.finetune.loop import TrainState
-from sweeper.storage import retrying
 
 if TYPE_CHECKING:
     from sweeper.study import Sweep
 
 logger = logging.getLogger(__name__)
 
-USER_CHECKPOINT = "checkpoint"  # {"files": {name: {"id", "sha256", "bytes"}}, "evaluation", "value"}
-USER_RESUME = "resume"  # {"id": artifact id, "step": int}; None once the trial has ended
-STUDY_DELETED_PREFIX = "checkpoint_deleted:"  # study user attr <prefix><n> = k: keep-top-k removed its files
-STUDY_ARTIFACT_STORE = "artifact_store"  # study user attr: the `artifacts` the sweep was launched with
 # Never handed out, whatever the storage says: these formats can run code when loaded.
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".py", ".pyc", ".so")
 
@@ -72,7 +68,7 @@ def location_of(sweep: Sweep, study: optuna.Study | None = None) -> str | None:
     finds an S3 store), else None for the default folder in the output folder."""
     if sweep.artifacts:
         return str(sweep.artifacts)
-    recorded = study.user_attrs.get(STUDY_ARTIFACT_STORE) if study is not None else None
+    recorded = record.ARTIFACT_STORE.get(study) if study is not None else None
     return str(recorded) if recorded else None
 
 
@@ -85,7 +81,7 @@ def record_location(study: optuna.Study, sweep: Sweep) -> None:
     location = str(sweep.artifacts)
     if not location.startswith("s3://"):
         location = os.path.abspath(os.path.expanduser(location))
-    retrying(lambda: study.set_user_attr(STUDY_ARTIFACT_STORE, location), what="recording the artifact store")
+    record.ARTIFACT_STORE.set(study, location)
 
 
 def open_store(location: str | None, output_dir: Path, *, create: bool = True) -> Any:
@@ -212,7 +208,7 @@ def download_model(store: Any, trial: FrozenTrial, out: Path, *, verify: bool = 
     Every file is downloaded and checked in a staging folder beside ``out`` first: when one is
     missing or corrupt, nothing is handed out.
     """
-    info = trial.user_attrs.get(USER_CHECKPOINT)
+    info = record.CHECKPOINT.get(trial)
     if not info:
         raise SweepError(f"trial {trial.number} has no checkpoint (it did not finish an evaluation, "
                          "or keep-top-k removed it)")
@@ -257,7 +253,7 @@ def download_model(store: Any, trial: FrozenTrial, out: Path, *, verify: bool = 
 
 def remove_model(store: Any, trial: FrozenTrial) -> bool:
     """Delete the checkpoint files of ``trial``; False if any is still there."""
-    info = trial.user_attrs.get(USER_CHECKPOINT) or {}
+    info = record.CHECKPOINT.get(trial) or {}
     # A list, not a generator: every file is tried, even after one is refused.
     return all([_remove_quietly(store, meta["id"]) for meta in info.get("files", {}).values()])  # noqa: C419
 
@@ -295,9 +291,8 @@ def save_resume(store: Any, trial: optuna.Trial, state: TrainState) -> None:
     except Exception as exc:  # noqa: BLE001  (full, unwritable or unreachable: leave no partial file behind)
         _remove_quietly(store, artifact_id)
         raise StoreError(f"cannot write the resume state of trial {trial.number} ({_why(exc)})") from None
-    previous = trial.user_attrs.get(USER_RESUME) if hasattr(trial, "user_attrs") else None
-    retrying(lambda: trial.set_user_attr(USER_RESUME, {"id": artifact_id, "step": state.step}),
-             what="recording the resume point")
+    previous = record.RESUME.get(trial) if hasattr(trial, "user_attrs") else None
+    record.RESUME.set(trial, {"id": artifact_id, "step": state.step})
     if previous:
         _remove_quietly(store, previous["id"])
 
@@ -340,13 +335,13 @@ def load_resume(store: Any, artifact_id: str) -> TrainState:
 
 def remove_resume(store: Any, trial: optuna.Trial | FrozenTrial) -> None:
     """Delete the resume state of ``trial``; a live trial's record of it is cleared too."""
-    info = trial.user_attrs.get(USER_RESUME)
+    info = record.RESUME.get(trial)
     if not info:
         return
     _remove_quietly(store, info["id"])
     if isinstance(trial, optuna.Trial):
         try:
-            trial.set_user_attr(USER_RESUME, None)
+            record.RESUME.set(trial, None)
         except Exception as exc:  # noqa: BLE001  (already finished by another process: the record just stays)
             logger.debug("trial %d: resume record not cleared (%s)", trial.number, exc)
 
@@ -355,12 +350,12 @@ def remove_stale_resumes(study: optuna.Study, store: Any) -> list[int]:
     """At the end of a sweep, delete the resume states that no retry will read: those of
     trials cut off once too often (their retries were not queued). Does nothing while any
     trial is running or waiting, since a retry may yet continue from one."""
-    trials = retrying(lambda: study.get_trials(deepcopy=False), what="reading trials")
+    trials = study.get_trials(deepcopy=False)
     if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
         return []
     removed = []
     for trial in trials:
-        info = trial.user_attrs.get(USER_RESUME)
+        info = record.RESUME.get(trial)
         if info:
             _remove_quietly(store, info["id"])
             removed.append(trial.number)
@@ -392,23 +387,14 @@ def _json_default(value: Any) -> Any:
 # --------------------------------------------------------------------------- keep-top-k
 
 
-def ranked(trials: list[FrozenTrial], direction: str) -> list[FrozenTrial]:
-    """Complete trials with a checkpoint, best first (ties: the earlier trial first)."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
-            and t.user_attrs.get(USER_CHECKPOINT)]
-    sign = -1.0 if direction == "maximize" else 1.0
-    return sorted(done, key=lambda t: (sign * float(t.value), t.number))  # type: ignore[arg-type]
-
-
 def deleted(study: optuna.Study) -> set[int]:
     """Trials whose checkpoint keep-top-k has removed."""
-    prefix = STUDY_DELETED_PREFIX
-    return {int(key[len(prefix):]) for key in study.user_attrs if key.startswith(prefix)}
+    return {int(number) for number in record.CHECKPOINT_DELETED.items(study)}
 
 
 def deleted_by(study: optuna.Study, trial_number: int) -> int | None:
     """The k of the keep-top-k that removed the checkpoint of ``trial_number``, if one did."""
-    value = study.user_attrs.get(f"{STUDY_DELETED_PREFIX}{trial_number}")
+    value = record.CHECKPOINT_DELETED.get(study, trial_number)
     if value is None:
         return None
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else 0
@@ -422,16 +408,15 @@ def keep_top_k(study: optuna.Study, store: Any, k: int) -> list[int]:
     final set of trials, and a trial outside the top k of a subset is outside the top k of
     the whole, so a removal is never undone by a later trial.
     """
-    trials = retrying(lambda: study.get_trials(deepcopy=False), what="reading trials")
+    trials = study.get_trials(deepcopy=False)
     gone = deleted(study)
     cleaned = []
-    for trial in ranked(trials, study.direction.name.lower())[max(1, k):]:
+    for trial in record.ranked(trials, study.direction)[max(1, k):]:
         if trial.number in gone:
             continue
         if not remove_model(store, trial):
             continue  # the store refused: the next clean-up tries again, so nothing is orphaned
-        key = f"{STUDY_DELETED_PREFIX}{trial.number}"
-        retrying(lambda: study.set_user_attr(key, k), what="recording a removed checkpoint")  # noqa: B023
+        record.CHECKPOINT_DELETED.set(study, trial.number, k)
         cleaned.append(trial.number)
     if cleaned:
         logger.info("keep-top-%d removed the checkpoints of trials %s", k, cleaned)

@@ -32,7 +32,7 @@ import optuna
 
 from sweeper import checkpoints
 from sweeper.errors import SweepError
-from sweeper.storage import mask, open_storage, retrying
+from sweeper.storage import mask, open_storage
 from sweeper.study import Sweep
 
 logger = logging.getLogger(__name__)
@@ -111,15 +111,15 @@ def start(sweep: Sweep, url: str, *, host: str = DEFAULT_HOST, port: int = DEFAU
                          "yet (run `sweeper launch STUDY` first)")
     storage = open_storage(url, heartbeat_interval=None, grace_period=None, create_tables=False)
     try:
-        study_id = retrying(lambda: storage.get_study_id_from_name(sweep.name), what="finding the study")
+        study_id = storage.get_study_id_from_name(sweep.name)
     except KeyError:
-        names = retrying(lambda: optuna.get_all_study_names(storage), what="listing the studies")
+        names = optuna.get_all_study_names(storage)
         held = ", ".join(map(repr, names)) or "no study"
         raise SweepError(f"the study {sweep.name!r} does not exist in {mask(url)} (it holds {held}): "
                          "run `sweeper launch STUDY` first") from None
     # The store the study file names, else the one the launcher recorded on the study (so a
     # dashboard on another machine finds an S3 store), else the default folder.
-    study = retrying(lambda: optuna.load_study(study_name=sweep.name, storage=storage), what="opening the study")
+    study = optuna.load_study(study_name=sweep.name, storage=storage)
     location = checkpoints.location_of(sweep, study)
     shown = location or str(sweep.output_path / "artifacts")
     try:

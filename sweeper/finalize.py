@@ -17,19 +17,12 @@ from typing import Any
 import optuna
 import torch
 
-from sweeper import checkpoints, space
+from sweeper import checkpoints, record, space
 from sweeper.errors import SweepError
-from sweeper.storage import open_storage, retrying
+from sweeper.storage import open_storage
 from sweeper.study import Sweep
 
 logger = logging.getLogger(__name__)
-
-STUDY_BEST_TEST = "best_test"
-
-
-def test_key(trial_number: int) -> str:
-    return f"test:{trial_number}"
-
 
 def evaluate_on_test(sweep: Sweep, store: Any, trial: optuna.trial.FrozenTrial,
                      device: torch.device | None = None) -> dict[str, float]:
@@ -55,14 +48,11 @@ def evaluate_folder(sweep: Sweep, folder: Path, device: torch.device | None = No
 def record_test(study: optuna.Study, trial_number: int, scores: dict[str, float], metric: str) -> None:
     """Record the test figure of ``trial_number``; it becomes the study's ``best_test`` only
     when that trial is the study's best (``sweeper best --trial N`` may score another)."""
-    retrying(lambda: study.set_user_attr(test_key(trial_number), scores), what="recording the test figure")
-    trials = retrying(lambda: study.get_trials(deepcopy=False), what="reading trials")
-    ranked = checkpoints.ranked(trials, study.direction.name.lower())
+    record.TEST.set(study, trial_number, scores)
+    ranked = record.ranked(study.get_trials(deepcopy=False), study.direction)
     if not ranked or ranked[0].number != trial_number:
         return
-    retrying(lambda: study.set_user_attr(STUDY_BEST_TEST, {"trial": trial_number, "metric": metric,
-                                                           "value": scores[metric], "all": scores}),
-             what="recording the test figure")
+    record.BEST_TEST.set(study, {"trial": trial_number, "metric": metric, "value": scores[metric], "all": scores})
 
 
 def finish(sweep: Sweep, url: str, say: Callable[[str], None] = logger.info) -> None:
@@ -71,12 +61,12 @@ def finish(sweep: Sweep, url: str, say: Callable[[str], None] = logger.info) -> 
     store = checkpoints.open_store(checkpoints.location_of(sweep, study), sweep.output_path)
     checkpoints.keep_top_k(study, store, sweep.keep)
     checkpoints.remove_stale_resumes(study, store)
-    ranked = checkpoints.ranked(study.get_trials(deepcopy=False), sweep.direction)
+    ranked = record.ranked(study.get_trials(deepcopy=False), study.direction)
     if not ranked:
         say("no trial completed, so there is no best trial: see `sweeper status` for the reasons")
         return
     best = ranked[0]
-    scores = study.user_attrs.get(test_key(best.number))
+    scores = record.TEST.get(study, best.number)
     if scores is None:
         try:
             scores = evaluate_on_test(sweep, store, best)
@@ -86,8 +76,7 @@ def finish(sweep: Sweep, url: str, say: Callable[[str], None] = logger.info) -> 
         record_test(study, best.number, scores, sweep.metric)
     say(f"best trial {best.number}: validation {sweep.metric} {best.value:.4f}, "
         f"held-out test {sweep.metric} {scores[sweep.metric]:.4f}; params {_resolved_params(sweep, best)}")
-    if hasattr(storage, "engine"):  # a grpc:// storage (sweeper proxy) has no pool to give back
-        storage.engine.dispose()
+    storage.dispose()
 
 
 def _resolved_params(sweep: Sweep, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:

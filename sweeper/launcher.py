@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import optuna
-from optuna.trial import TrialState
 
-from sweeper import budget, checkpoints, finalize, liveness, processes
+from sweeper import budget, checkpoints, finalize, liveness, optuna_adapter, processes, record
 from sweeper import space as space_mod
 from sweeper import storage as storage_mod
 from sweeper.errors import SweepError
-from sweeper.storage import ENV_STORAGE, mask, open_storage, retrying
+from sweeper.storage import ENV_STORAGE, mask, open_storage
 from sweeper.study import Sweep
 from sweeper.worker import RetryCallback
 
@@ -114,34 +113,32 @@ def plan_slots(options: LaunchOptions, available: list[str] | None = None) -> li
 def prepare_study(sweep: Sweep, options: LaunchOptions) -> optuna.Study:
     """Create or resume the study and set its budget (launch), or check that it exists (join)."""
     storage = open_storage(options.url, heartbeat_interval=None, grace_period=None, create_tables=not options.join)
-    direction: Any = sweep.direction  # "maximize" or "minimize": the study check made sure
+    direction = record.direction_of(sweep.direction)  # the study check made sure it is one
     if options.join:
         try:
-            study = retrying(lambda: optuna.load_study(study_name=sweep.name, storage=storage), what="opening the study")
+            study = optuna.load_study(study_name=sweep.name, storage=storage)
         except KeyError:
             raise SweepError(f"the study {sweep.name!r} does not exist in {mask(options.url)}: start it "
                              f"with `sweeper launch {options.study_path}` first, then join") from None
         return study
-    study = retrying(lambda: optuna.create_study(study_name=sweep.name, storage=storage, direction=direction,
-                                                 load_if_exists=True), what="creating the study")
-    if study.direction.name.lower() != direction:
+    # Creating a study is not repeated by the storage (a lost answer would make the repeat
+    # fail as a duplicate); with load_if_exists the whole call is safe to repeat.
+    study = optuna_adapter.call_with_retries(
+        lambda: optuna.create_study(study_name=sweep.name, storage=storage, direction=direction, load_if_exists=True),
+        what="creating the study")
+    if study.direction != direction:
         raise SweepError(f"the study {sweep.name!r} in {mask(options.url)} already exists with direction "
-                         f"{study.direction.name.lower()}, but the study file says {direction}: use "
+                         f"{study.direction.name.lower()}, but the study file says {sweep.direction}: use "
                          "another `name` for a new sweep")
-    retrying(lambda: study.set_user_attr("config", sweep.to_dict()), what="recording the configuration")
+    record.STUDY_CONFIG.set(study, sweep.to_dict())
     checkpoints.record_location(study, sweep)  # Optuna does not record the artifact store
     n_trials = options.n_trials or sweep.n_trials
     first, _ = space_mod.first_trial_params(sweep.space, sweep.first_trials)  # checked when the study loaded
     added = budget.ensure_tickets(study, n_trials, first)
     timeout = options.timeout or sweep.timeout
     gpu_hours = options.gpu_hours or sweep.gpu_hours
-    system = study._storage
-    deadline = time.time() + timeout if timeout else None
-    retrying(lambda: system.set_study_system_attr(study._study_id, budget.ATTR_DEADLINE, deadline),
-             what="recording the deadline")
-    seconds = gpu_hours * 3600 if gpu_hours else None
-    retrying(lambda: system.set_study_system_attr(study._study_id, budget.ATTR_GPU_SECONDS, seconds),
-             what="recording the GPU-hours budget")
+    record.DEADLINE.set(study, time.time() + timeout if timeout else None)
+    record.GPU_SECONDS_BUDGET.set(study, gpu_hours * 3600 if gpu_hours else None)
     logger.info("study %r: budget %d trials (%d new tickets)", sweep.name, n_trials, added)
     return study
 
@@ -327,10 +324,11 @@ class Launcher:
         if stream is None:
             return
         try:
-            trials = retrying(lambda: study.get_trials(deepcopy=False), what="reading trials", deadline_s=5)
+            with optuna_adapter.patience(5.0):  # a progress line can wait for the next round
+                trials = study.get_trials(deepcopy=False)
         except Exception:
             return
-        line = progress_line(trials, study.direction.name.lower(), time.time() - self.started)
+        line = progress_line(trials, study.direction, time.time() - self.started)
         alive = sum(1 for s in self.slots if s.process is not None and s.process.poll() is None)
         line += f" | {alive} worker{'s' if alive != 1 else ''}"
         if stream.isatty():
@@ -358,15 +356,11 @@ def last_error_line(log: Path | None) -> str:
     return mask(lines[-1])[:400] if lines else "empty log"
 
 
-def progress_line(trials: list[optuna.trial.FrozenTrial], direction: str, elapsed: float) -> str:
+def progress_line(trials: list[optuna.trial.FrozenTrial], direction: optuna.study.StudyDirection,
+                  elapsed: float) -> str:
     t = budget.tally(trials)
     total = t.spent
-    best = None
-    for trial in trials:
-        if trial.state == TrialState.COMPLETE and trial.value is not None:
-            if best is None or best.value is None or (
-                    trial.value > best.value if direction == "maximize" else trial.value < best.value):
-                best = trial
+    best = record.best(trials, direction)
     best_text = f"best {best.value:.4f} (trial {best.number})" if best else "best -"
     eta = ""
     if t.finished and t.finished < total:

@@ -25,37 +25,30 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import optuna
-import sqlalchemy
-from optuna.storages._heartbeat import is_heartbeat_enabled
-from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper.storage import mask, retrying
+from sweeper import optuna_adapter, record
+from sweeper.storage import mask
 
 logger = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-USER_HOST = "host"
-USER_PID = "pid"
-USER_BEAT = "heartbeat_at"  # epoch seconds, for storages without a native heartbeat
 
 Retry = Callable[[optuna.Study, FrozenTrial], None]
 
 
 def native(storage: Any) -> bool:
     """True when the storage keeps Optuna's own heartbeats (an RDB storage with an interval)."""
-    return is_heartbeat_enabled(storage)
+    return optuna_adapter.heartbeat_enabled(storage)
 
 
 def mark_owner(trial: optuna.Trial) -> None:
     """Record which process runs ``trial``, for the owner check."""
     host, pid = socket.gethostname(), os.getpid()
-    retrying(lambda: trial.set_user_attr(USER_HOST, host), what="recording the host")
-    retrying(lambda: trial.set_user_attr(USER_PID, pid), what="recording the pid")
+    record.HOST.set(trial, host)
+    record.PID.set(trial, pid)
 
 
 class Heartbeat:
@@ -83,7 +76,7 @@ class Heartbeat:
                 if self.native:
                     self.storage.record_heartbeat(self.trial_id)
                 else:
-                    self.storage.set_trial_user_attr(self.trial_id, USER_BEAT, time.time())
+                    self.storage.set_trial_user_attr(self.trial_id, record.HEARTBEAT_AT.key, time.time())
             except optuna.exceptions.UpdateFinishedTrialError:
                 return  # somebody failed the trial (a long stall): nothing left to keep alive
             except Exception as exc:  # the storage is briefly down: the next beat tries again
@@ -93,75 +86,47 @@ class Heartbeat:
 
 def fail_trial(study: optuna.Study, trial: FrozenTrial, retry: Retry, reason: str) -> bool:
     """Fail a running ``trial`` and queue its retry; False if someone else got there first."""
-    storage = study._storage
+    storage, trial_id = optuna_adapter.storage_of(study), optuna_adapter.trial_id(trial)
     try:
-        retrying(lambda: storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason),
-                 what="recording the reason")
-        if not retrying(lambda: storage.set_trial_state_values(trial._trial_id, TrialState.FAIL),
-                        what="failing a trial"):
+        storage.set_trial_user_attr(trial_id, record.FAIL_REASON.key, reason)
+        if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
             return False
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
     logger.warning("trial %d failed: %s", trial.number, reason)
-    retry(study, retrying(lambda: storage.get_trial(trial._trial_id), what="reading the trial"))
+    retry(study, storage.get_trial(trial_id))
     return True
 
 
 def running(study: optuna.Study) -> list[FrozenTrial]:
-    return retrying(lambda: study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)),
-                    what="reading running trials")
+    return study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
 
 
-def stale_trial_ids(storage: Any, study_id: int) -> list[int]:
-    """Running trials of an RDB storage with heartbeats whose worker has gone quiet.
+def reap(study: optuna.Study, grace: float, retry: Retry, clock: Callable[[], float] = time.time) -> list[int]:
+    """Fail the running trials whose heartbeat is older than ``grace`` seconds.
 
-    As Optuna's own ``_get_stale_trial_ids`` (a heartbeat older than the grace period, by the
-    database's clock), and also the trials that never beat at all: a worker killed between
-    claiming a trial and its first heartbeat would otherwise leave the trial running forever
-    (Optuna skips trials without a heartbeat row). Those are judged by their start time, which
-    the claiming worker wrote with its own clock, in UTC, as Optuna 5 stores it.
+    ``clock`` is the reaper's idea of now: the tests hand it one that runs ahead instead of
+    sleeping past a grace period. Native heartbeats are timed by the database's clock, and
+    moved on by as much as ``clock`` is ahead of this machine's.
     """
-    rdb = getattr(storage, "_backend", storage)  # under Optuna's cache, its RDBStorage
-    grace = timedelta(seconds=rdb.grace_period if rdb.grace_period is not None
-                      else 2 * rdb.get_heartbeat_interval())
-    engine = rdb.engine
-    trial, beat = models.TrialModel, models.TrialHeartbeatModel
-    with engine.connect() as conn:
-        db_now = conn.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar_one()
-        rows = conn.execute(
-            sqlalchemy.select(trial.trial_id, trial._datetime_start_utc, beat.heartbeat)
-            .outerjoin(beat, beat.trial_id == trial.trial_id)
-            .where(trial.study_id == study_id, trial.state == TrialState.RUNNING)
-        ).all()
-    if isinstance(db_now, str):  # SQLite hands CURRENT_TIMESTAMP back as text
-        db_now = datetime.fromisoformat(db_now)
-    db_now, utc_now = db_now.replace(tzinfo=None), datetime.now(UTC).replace(tzinfo=None)
-    stale = []
-    for trial_id, started, last_beat in rows:
-        if last_beat is not None:
-            if db_now - last_beat > grace:
-                stale.append(trial_id)
-        elif started is not None and utc_now - started > grace:
-            stale.append(trial_id)
-    return stale
-
-
-def reap(study: optuna.Study, grace: float, retry: Retry) -> list[int]:
-    """Fail the running trials whose heartbeat is older than ``grace`` seconds."""
-    storage = study._storage
-    if native(storage):
+    ahead = clock() - time.time()
+    silences = optuna_adapter.trial_silences(study)
+    if silences is not None:
         # One query in the common case (nothing is stale); grace is the storage's own.
-        stale = retrying(lambda: stale_trial_ids(storage, study._study_id), what="finding stale trials")
+        grace = optuna_adapter.storage_grace_period(optuna_adapter.storage_of(study)) or grace
+        storage = optuna_adapter.storage_of(study)
         reaped = []
-        for trial_id in stale:
-            trial = retrying(lambda: storage.get_trial(trial_id), what="reading a stale trial")
+        for trial_id, silent in silences.items():
+            if silent + ahead <= grace:
+                continue
+            trial = storage.get_trial(trial_id)
             if fail_trial(study, trial, retry, "no heartbeat within the grace period: its worker died"):
                 reaped.append(trial.number)
         return reaped
     reaped = []
-    now = time.time()
+    now = clock()
     for trial in running(study):
-        last = trial.user_attrs.get(USER_BEAT)
+        last = record.HEARTBEAT_AT.get(trial)
         if last is None and trial.datetime_start is not None:
             last = trial.datetime_start.timestamp()
         if last is not None and now - float(last) > grace:
@@ -176,8 +141,8 @@ def reap_dead(study: optuna.Study, pids: Iterable[int], retry: Retry, host: str 
     dead = set(pids)
     reaped = []
     for trial in running(study):
-        if trial.user_attrs.get(USER_HOST) == host and trial.user_attrs.get(USER_PID) in dead:
-            pid = trial.user_attrs[USER_PID]
+        pid = record.PID.get(trial)
+        if record.HOST.get(trial) == host and pid in dead:
             if fail_trial(study, trial, retry, f"its worker (pid {pid} on {host}) died"):
                 reaped.append(trial.number)
     return reaped

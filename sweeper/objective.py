@@ -3,17 +3,8 @@
 The objective samples the space, builds the model with the pretrained weights, trains it
 (continuing from the resume state of the trial it replaces, if it is a retry), reports every
 evaluation to Optuna (which may prune it), saves the checkpoint of its best evaluation, and
-records what the dashboard, ``sweeper status`` and the report need as user attributes:
-
-    worker, host, device, devices      who ran it, and on what
-    config                             the resolved study configuration and hyperparameters
-    progress                           {"evaluation": k, "of": n}, updated as it runs
-    val_<metric>                       every validation metric at the best evaluation
-    best_evaluation                    which evaluation the value and checkpoint come from
-    train_seconds, eval_seconds, samples_per_second, gpu_seconds
-    resumed_from_step, lineage         for a retry: where it continued, and the trials before it
-    fail_reason                        one line, for a failed trial
-    checkpoint                         files, SHA-256 sums (see checkpoints.py)
+records what the dashboard, ``sweeper status`` and the report need: the fields of
+``sweeper/record.py`` whose writer is ``objective`` (listed in docs/records.md).
 """
 
 from __future__ import annotations
@@ -28,15 +19,14 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial
 
-from sweeper import __version__, budget, checkpoints
+from sweeper import __version__, checkpoints, record
 from sweeper import space as space_mod
 from sweeper.errors import SweepError
 from sweeper.finetune import freeze
 from sweeper.finetune.data import PreparedData, prepare
 from sweeper.finetune.loop import Hooks, Hyper, LoopSettings, NonFiniteLoss, Preempted, TrainState, train
-from sweeper.storage import retrying
+from sweeper.outcome import Outcome, WorkerInfo
 from sweeper.study import Sweep
-from sweeper.worker import Outcome, WorkerInfo
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +46,7 @@ def trial_seed(study_seed: int, trial_number: int) -> int:
 
 def lineage(trial: optuna.Trial | FrozenTrial) -> list[int]:
     """Numbers of the trials this one retries, oldest first (empty for a first attempt)."""
-    if isinstance(trial, FrozenTrial):
-        attrs = trial.system_attrs
-    else:  # a live Trial no longer exposes system attributes in Optuna 5: ask its storage
-        attrs = trial.study._storage.get_trial_system_attrs(trial._trial_id)
-    return [int(n) for n in attrs.get("retry_history", [])]
+    return [int(n) for n in record.RETRY_HISTORY.get(trial, [])]
 
 
 class Objective:
@@ -76,7 +62,7 @@ class Objective:
         self.device = torch.device(worker.device)
         self._data: PreparedData | None = None
         self._tokenizer: Any = None
-        self.timings: dict[str, float] = {}  # the running trial's, as of its last evaluation point
+        self.timings: dict[record.Field[float], float] = {}  # the running trial's, as of its last evaluation point
 
     # ------------------------------------------------------------------ shared state
 
@@ -89,16 +75,15 @@ class Objective:
 
     def run(self, trial: optuna.Trial) -> Outcome:
         started = time.time()
-        set_attr = lambda key, value: retrying(lambda: trial.set_user_attr(key, value), what=f"recording {key}")  # noqa: E731
-        set_attr("worker", self.worker.index)
-        set_attr("device", self.worker.device if self.worker.physical_gpu is None
-                 else f"cuda (GPU {self.worker.physical_gpu})")
-        set_attr("devices", 1)
+        record.WORKER.set(trial, self.worker.index)
+        record.DEVICE.set(trial, self.worker.device if self.worker.physical_gpu is None
+                          else f"cuda (GPU {self.worker.physical_gpu})")
+        record.DEVICES.set(trial, 1)
         self.timings = {}
         try:
-            value, result_attrs = self._train(trial, set_attr)
+            value = self._train(trial)
         except optuna.TrialPruned as exc:
-            self._finish(trial, set_attr, started)
+            self._finish(trial, started)
             return Outcome(optuna.trial.TrialState.PRUNED, reason=str(exc) or None)
         except Preempted as exc:
             return Outcome(optuna.trial.TrialState.FAIL, reason=f"preempted: {exc}", preempted=True)
@@ -109,26 +94,24 @@ class Objective:
             return Outcome(optuna.trial.TrialState.FAIL, reason="failed by another process (stale heartbeat)")
         except (SweepError, torch.cuda.OutOfMemoryError, MemoryError) as exc:
             reason = _one_line(exc, trial)
-            self._finish(trial, set_attr, started, reason=reason)
+            self._finish(trial, started, reason=reason)
             return Outcome(optuna.trial.TrialState.FAIL, reason=reason)
         except Exception as exc:  # a bug or an unexpected library error: fail this trial only
             logger.exception("trial %d raised", trial.number)
             reason = _one_line(exc, trial)
-            self._finish(trial, set_attr, started, reason=reason)
+            self._finish(trial, started, reason=reason)
             return Outcome(optuna.trial.TrialState.FAIL, reason=reason)
-        for key, val in result_attrs.items():
-            set_attr(key, val)  # the timings of the whole trial among them
-        self._finish(trial, set_attr, started, ended_early=False)
+        self._finish(trial, started, ended_early=False)
         return Outcome(optuna.trial.TrialState.COMPLETE, value=value)
 
-    def _finish(self, trial: optuna.Trial, set_attr: Any, started: float, reason: str | None = None,
+    def _finish(self, trial: optuna.Trial, started: float, reason: str | None = None,
                 ended_early: bool = True) -> None:
-        set_attr(budget.USER_GPU_SECONDS, round(time.time() - started, 3))
+        record.GPU_SECONDS.set(trial, round(time.time() - started, 3))
         if ended_early:  # pruned or failed: the timings as of its last evaluation point
-            for key, value in self.timings.items():
-                set_attr(key, value)
+            for field, value in self.timings.items():
+                field.set(trial, value)
         if reason:
-            set_attr("fail_reason", reason)
+            record.FAIL_REASON.set(trial, reason)
         checkpoints.remove_resume(self.store, trial)
         for earlier in self._lineage_trials(trial):  # the states this retry continued from
             checkpoints.remove_resume(self.store, earlier)
@@ -138,10 +121,10 @@ class Objective:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _train(self, trial: optuna.Trial, set_attr: Any) -> tuple[float, dict[str, Any]]:
+    def _train(self, trial: optuna.Trial) -> float:
+        """Train ``trial`` and record its results; returns its value (its best evaluation)."""
         sweep = self.sweep
-        # Suggesting is idempotent (a suggested value is read back), so a storage blip is retried.
-        params = retrying(lambda: space_mod.sample(sweep.space, trial), what="sampling the trial")
+        params = space_mod.sample(sweep.space, trial)
         hyper = Hyper(**params)
         data = self.data()
         history = lineage(trial)
@@ -153,13 +136,13 @@ class Objective:
         problems = hyper.check(adapter.num_blocks)
         if problems:
             raise SweepError("; ".join(problems))
-        set_attr("config", {"study": sweep.to_dict(), "hyperparameters": vars(hyper),
-                            "blocks": adapter.num_blocks, "seed": seed, "sweeper": __version__})
+        record.CONFIG.set(trial, {"study": sweep.to_dict(), "hyperparameters": vars(hyper),
+                                  "blocks": adapter.num_blocks, "seed": seed, "sweeper": __version__})
         if history:
-            set_attr("lineage", history)
+            record.LINEAGE.set(trial, history)
         resume = self._resume_state(history)
         if resume is not None:
-            set_attr("resumed_from_step", resume.step)
+            record.RESUMED_FROM_STEP.set(trial, resume.step)
         # Only text models have an MLM head; the study check refuses mlm for any other.
         lm_head = (sweep.model.pretrained_lm_head(sweep.cache_dir)  # type: ignore[union-attr]
                    if sweep.pretrain_loss == "mlm" else None)
@@ -168,13 +151,13 @@ class Objective:
             seed=seed, pretrain_loss=sweep.pretrain_loss, evals_per_epoch=sweep.evals_per_epoch,
             eval_every_steps=sweep.eval_every_steps, bf16=sweep.bf16, compile=sweep.compile,
         )
-        hooks = _TrialHooks(self, trial, set_attr, sweep.max_evaluations)
+        hooks = _TrialHooks(self, trial, sweep.max_evaluations)
         if resume is not None:
             hooks.replay(resume)
         result = train(adapter, data, hyper, settings, hooks, resume, lm_head=lm_head,
                        tokenizer=self._tokenizer)
         _load_into(adapter, result.best_model)
-        record = {
+        meta = {
             "trial": trial.number, "params": params, "value": result.best_value,
             "metric": sweep.metric, "direction": sweep.direction,
             "best_evaluation": result.best_evaluation,
@@ -182,36 +165,34 @@ class Objective:
             "model_kind": adapter.kind, "num_labels": data.num_labels, "label_names": data.label_names,
         }
         # A full or unwritable store raises a StoreError that says so: it fails this trial only.
-        info = checkpoints.save_model(self.store, trial, adapter, self._tokenizer, record)
+        info = checkpoints.save_model(self.store, trial, adapter, self._tokenizer, meta)
         info.update(evaluation=result.best_evaluation, value=result.best_value)
-        attrs: dict[str, Any] = {f"val_{k}": v for k, v in result.best_metrics.items()}
-        attrs.update(
-            best_evaluation=result.best_evaluation,
-            train_seconds=round(result.train_seconds, 3),
-            eval_seconds=round(result.eval_seconds, 3),
-            samples_per_second=round(result.samples_per_second, 1),
-            steps=result.steps,
-            checkpoint=info,
-        )
+        for name, value in result.best_metrics.items():
+            record.VALIDATION.set(trial, name, value)
+        record.BEST_EVALUATION.set(trial, result.best_evaluation)
+        record.TRAIN_SECONDS.set(trial, round(result.train_seconds, 3))  # the timings of the whole trial
+        record.EVAL_SECONDS.set(trial, round(result.eval_seconds, 3))
+        record.SAMPLES_PER_SECOND.set(trial, round(result.samples_per_second, 1))
+        record.STEPS.set(trial, result.steps)
+        record.CHECKPOINT.set(trial, info)
         logger.info("trial %d finished: %s %.4f at evaluation %d (%.0f samples/s)", trial.number,
                     sweep.metric, result.best_value, result.best_evaluation, result.samples_per_second)
-        return result.best_value, attrs
+        return result.best_value
 
     def _lineage_trials(self, trial: optuna.Trial) -> list[FrozenTrial]:
         history = set(lineage(trial))
         if not history:
             return []
-        trials = retrying(lambda: self.study.get_trials(deepcopy=False), what="reading trials")
-        return [t for t in trials if t.number in history]
+        return [t for t in self.study.get_trials(deepcopy=False) if t.number in history]
 
     def _resume_state(self, history: list[int]) -> TrainState | None:
         """The resume state of the latest trial in this retry's lineage that saved one."""
         if not history:
             return None
-        by_number = {t.number: t for t in retrying(lambda: self.study.get_trials(deepcopy=False), what="reading trials")}
+        by_number = {t.number: t for t in self.study.get_trials(deepcopy=False)}
         for number in reversed(history):
             earlier = by_number.get(number)
-            info = earlier.user_attrs.get(checkpoints.USER_RESUME) if earlier else None
+            info = record.RESUME.get(earlier) if earlier else None
             if info:
                 try:
                     state = checkpoints.load_resume(self.store, info["id"])
@@ -226,21 +207,21 @@ class Objective:
 class _TrialHooks(Hooks):
     """Reports to Optuna, prunes, keeps the resume state, and stops on preemption."""
 
-    def __init__(self, objective: Objective, trial: optuna.Trial, set_attr: Any, planned: int) -> None:
-        self.objective, self.trial, self.set_attr, self.planned = objective, trial, set_attr, planned
+    def __init__(self, objective: Objective, trial: optuna.Trial, planned: int) -> None:
+        self.objective, self.trial, self.planned = objective, trial, planned
 
     def replay(self, state: TrainState) -> None:
         """Report the evaluations of the trial being continued, so its curve is complete."""
         for evaluation, value in state.history:
-            retrying(lambda: self.trial.report(value, evaluation), what="reporting")
+            self.trial.report(value, evaluation)
 
     def evaluated(self, evaluation: int, value: float, all_metrics: dict[str, float], improved: bool,
                   snapshot: Any) -> None:
         trial = self.trial
-        retrying(lambda: trial.report(value, evaluation), what="reporting")
-        self.set_attr("progress", {"evaluation": evaluation, "of": self.planned, "value": value})
+        trial.report(value, evaluation)
+        record.PROGRESS.set(trial, {"evaluation": evaluation, "of": self.planned, "value": value})
         logger.info("trial %d evaluation %d: %.4f", trial.number, evaluation, value)
-        if retrying(trial.should_prune, what="asking the pruner"):
+        if trial.should_prune():
             raise optuna.TrialPruned(f"pruned at evaluation {evaluation} with {value:.4f}")
         try:
             checkpoints.save_resume(self.objective.store, trial, snapshot())
@@ -249,8 +230,8 @@ class _TrialHooks(Hooks):
 
     def timed(self, train_seconds: float, eval_seconds: float, samples: int) -> None:
         self.objective.timings = {
-            "train_seconds": round(train_seconds, 3), "eval_seconds": round(eval_seconds, 3),
-            "samples_per_second": round(samples / train_seconds, 1) if train_seconds > 0 else 0.0,
+            record.TRAIN_SECONDS: round(train_seconds, 3), record.EVAL_SECONDS: round(eval_seconds, 3),
+            record.SAMPLES_PER_SECOND: round(samples / train_seconds, 1) if train_seconds > 0 else 0.0,
         }
 
     def should_stop(self) -> bool:

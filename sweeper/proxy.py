@@ -21,7 +21,7 @@ What it costs, and how sweeper pays it:
   directly writes only native heartbeats, which a proxied reaper takes for silence).
 - *A single point of failure.* While the proxy is down, every storage call of every worker
   fails with gRPC ``UNAVAILABLE``; workers retry such calls with backoff (see
-  ``storage.retrying``) for five minutes, so a restarted proxy loses nothing. The proxy keeps
+  ``optuna_adapter.RetryingStorage``) for five minutes, so a restarted proxy loses nothing. The proxy keeps
   no state of its own: restart it anywhere with the same database URL.
 - *No authentication.* The channel is plain gRPC: anyone who reaches the port can read and
   change every study. It listens on 127.0.0.1 unless told otherwise; keep it on a private
@@ -39,7 +39,7 @@ from typing import Any
 
 import optuna
 
-from sweeper import budget, liveness
+from sweeper import liveness, optuna_adapter, record
 from sweeper.errors import SweepError
 from sweeper.storage import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, mask, open_storage
 from sweeper.worker import RetryCallback
@@ -60,7 +60,7 @@ PROXY_POOL_SIZE = 6
 
 def sweeper_studies(storage: optuna.storages.BaseStorage) -> list[str]:
     """Names of the studies in ``storage`` that sweeper set up (they carry a trial budget)."""
-    return [s.study_name for s in storage.get_all_studies() if budget.ATTR_N_TRIALS in s.system_attrs]
+    return [s.study_name for s in storage.get_all_studies() if record.N_TRIALS.key in s.system_attrs]
 
 
 class Reaper:
@@ -89,7 +89,7 @@ class Reaper:
             study = self._studies.get(name)
             if study is None:
                 study = self._studies[name] = optuna.load_study(study_name=name, storage=self.storage)
-            config = study.user_attrs.get("config") or {}
+            config = record.STUDY_CONFIG.get(study) or {}
             retry = RetryCallback(int(config.get("max_retries", DEFAULT_MAX_RETRIES)))
             numbers = liveness.reap(study, self.grace, retry)
             if numbers:
@@ -126,28 +126,24 @@ def serve(url: str, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, grace:
     except ImportError:
         raise SweepError("`sweeper proxy` needs grpcio: pip install 'sweeper[proxy]'") from None
     # No native heartbeat here: its workers cannot write one (see the module docstring).
-    rdb = open_storage(url, heartbeat_interval=None, grace_period=None, create_tables=True,
-                       pool=(PROXY_POOL_SIZE, 0))
-    if not isinstance(rdb, optuna.storages.RDBStorage):
+    storage = open_storage(url, heartbeat_interval=None, grace_period=None, create_tables=True,
+                           pool=(PROXY_POOL_SIZE, 0))
+    if storage.rdb is None:
         raise SweepError(f"the proxy's --storage {mask(url)} is not a database: use "
                          "postgresql+psycopg2://USER:PASSWORD@HOST:5432/DB")
-    # The cached wrapper, as Optuna advises for the proxy: every worker's poll for tickets would
-    # otherwise re-read every trial of the study from the database.
-    storage = optuna.storages.get_storage(rdb)
+    # Optuna's cache is inside (as Optuna advises for the proxy: every worker's poll for tickets
+    # would otherwise re-read every trial of the study from the database), and the database's
+    # blips are retried here, once for all the proxy's workers.
     # That cache finds a trial's study through the trials it has read, and answers NOT_FOUND
     # to a parameter set on a trial it has not. After a restart of the proxy, a worker's first
     # call may be exactly that, for the trial it is running: read every study once first.
     for frozen in storage.get_all_studies():
-        storage.get_all_trials(frozen._study_id, deepcopy=False)
-    # Optuna's make_server, not run_grpc_proxy_server (which is only make_server, start and
-    # wait): with the server in hand, SIGTERM lets the calls in flight finish instead of
-    # cutting them off, so that a worker never sees a claim or a tell fail that did happen.
-    from optuna.storages._grpc.server import make_server
-
+        storage.get_all_trials(optuna_adapter.frozen_study_id(frozen), deepcopy=False)
+    # With the server in hand (not run_grpc_proxy_server), SIGTERM lets the calls in flight finish.
     try:
-        server = make_server(storage, host, port, ThreadPoolExecutor(max_workers=threads))
+        server = optuna_adapter.make_grpc_server(storage, host, port, ThreadPoolExecutor(max_workers=threads))
     except RuntimeError as exc:
-        rdb.engine.dispose()
+        storage.dispose()
         if "bind" in str(exc).lower():
             raise SweepError(f"cannot listen on {host}:{port} (in use, or not an address of this "
                              "machine): choose another --port or --host") from None
@@ -167,7 +163,7 @@ def serve(url: str, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, grace:
         reaper.stop()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        rdb.engine.dispose()
+        storage.dispose()
 
 
 def _stop_on_sigterm() -> Any:

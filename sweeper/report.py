@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper import __version__, budget, checkpoints, status
+from sweeper import __version__, record, status
 from sweeper.errors import SweepError
 from sweeper.study import Sweep
 
@@ -267,12 +267,12 @@ def _timings(trials: Sequence[FrozenTrial]) -> go.Figure:
         raise CannotDraw("no trial has started yet")
     numbers = [t.number for t in timed]
 
-    def attr(t: FrozenTrial, key: str) -> float | None:
-        value = t.user_attrs.get(key)
+    def attr(t: FrozenTrial, field: record.Field[float]) -> float | None:
+        value = field.get(t)
         return float(value) if isinstance(value, (int, float)) else None
 
-    train = [attr(t, "train_seconds") for t in timed]
-    evals = [attr(t, "eval_seconds") for t in timed]
+    train = [attr(t, record.TRAIN_SECONDS) for t in timed]
+    evals = [attr(t, record.EVAL_SECONDS) for t in timed]
     # Elapsed time not spent in training or evaluation: model building, data, checkpoints, the
     # database. A trial without the breakdown (pruned, failed, running) shows its elapsed time.
     other = [max(0.0, (_elapsed(t) or 0.0) - (tr or 0.0) - (ev or 0.0)) for t, tr, ev in zip(timed, train, evals)]
@@ -283,7 +283,7 @@ def _timings(trials: Sequence[FrozenTrial]) -> go.Figure:
                          marker_color="#bbbbbb",
                          text=[t.state.name.lower() if t.state != TrialState.COMPLETE else "" for t in timed],
                          textposition="outside"), secondary_y=False)
-    throughput = [(t.number, attr(t, "samples_per_second")) for t in timed]
+    throughput = [(t.number, attr(t, record.SAMPLES_PER_SECOND)) for t in timed]
     throughput = [(n, v) for n, v in throughput if v is not None]
     if throughput:
         fig.add_trace(go.Scatter(x=[n for n, _ in throughput], y=[v for _, v in throughput], mode="markers+lines",
@@ -308,7 +308,7 @@ def _gpu_hours(trials: Sequence[FrozenTrial]) -> go.Figure:
     start = min(begun for _, begun, _ in spans)
     minutes, hours, total = [0.0], [0.0], 0.0  # the sweep starts at nothing spent
     for end, _, t in spans:
-        total += float(t.user_attrs.get(budget.USER_GPU_SECONDS, 0.0)) / 3600
+        total += float(record.GPU_SECONDS.get(t, 0.0)) / 3600
         minutes.append((end - start).total_seconds() / 60)
         hours.append(total)
     fig = go.Figure(go.Scatter(
@@ -317,7 +317,7 @@ def _gpu_hours(trials: Sequence[FrozenTrial]) -> go.Figure:
                 "color": ["#555555"] + [STATE_COLOURS[t.state.name] for t in done]},
         text=["start"] + [f"trial {t.number} ({t.state.name.lower()})" for t in done], hoverinfo="text+y",
     ))
-    by_state = {s: sum(float(t.user_attrs.get(budget.USER_GPU_SECONDS, 0.0)) for t in done if t.state == s) / 3600
+    by_state = {s: sum(float(record.GPU_SECONDS.get(t, 0.0)) for t in done if t.state == s) / 3600
                 for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
     split = ", ".join(f"{s.name.lower()} {h:.3f}" for s, h in by_state.items())
     fig.update_layout(title={"text": f"{total:.3f} GPU-hours in finished trials ({split})", "font": {"size": 14}},
@@ -352,16 +352,15 @@ def _best_html(sweep: Sweep, summary: dict[str, Any], best: FrozenTrial | None) 
                  "not evaluated yet (the sweep evaluates it when it ends, or run "
                  "<code>sweeper best STUDY --out DIR --evaluate</code>)")
     figures = [("validation " + sweep.metric, b["value"]), ("best evaluation", b["best_evaluation"])]
-    figures += [(f"validation {k[4:]}", v) for k, v in sorted(best.user_attrs.items())
-                if k.startswith("val_") and k != f"val_{sweep.metric}"]
-    ckpt = best.user_attrs.get(checkpoints.USER_CHECKPOINT) or {}
+    figures += [(f"validation {k}", v) for k, v in sorted(record.VALIDATION.items(best).items()) if k != sweep.metric]
+    ckpt = record.CHECKPOINT.get(best) or {}
     size = sum(int(f.get("bytes", 0)) for f in ckpt.get("files", {}).values())
-    where = [("worker", best.user_attrs.get("worker")), ("host", best.user_attrs.get("host")),
-             ("device", best.user_attrs.get("device")),
+    where = [("worker", record.WORKER.get(best)), ("host", record.HOST.get(best)),
+             ("device", record.DEVICE.get(best)),
              ("checkpoint", f"{len(ckpt.get('files', {}))} files, {size / 1e6:.1f} MB"
               + ("" if b["checkpoint"] else " (removed)") if ckpt else None),
-             ("train seconds", best.user_attrs.get("train_seconds")),
-             ("samples per second", best.user_attrs.get("samples_per_second"))]
+             ("train seconds", record.TRAIN_SECONDS.get(best)),
+             ("samples per second", record.SAMPLES_PER_SECOND.get(best))]
     return (f'<div class="cards"><div><h3>Trial {best.number}</h3>'
             f'<p class="figure">held-out test: <b id="best-test">{test_line}</b></p>'
             f'<table id="best-figures">{_rows(figures)}</table></div>'
@@ -378,14 +377,13 @@ def _trials_html(trials: Sequence[FrozenTrial]) -> str:
                     "GPU s", "note"])
     body = []
     for t in trials:
-        note = t.user_attrs.get("fail_reason") or ""
+        note = record.FAIL_REASON.get(t) or ""
         if t.state == TrialState.RUNNING:
-            p = t.user_attrs.get("progress") or {}
+            p = record.PROGRESS.get(t) or {}
             note = f"evaluation {p.get('evaluation', 0)}/{p.get('of', '?')}"
         cells = [t.number, t.state.name.lower(), t.value, *[t.params.get(n) for n in names],
-                 t.user_attrs.get("worker"), t.user_attrs.get("device"), t.user_attrs.get("train_seconds"),
-                 t.user_attrs.get("eval_seconds"), t.user_attrs.get("samples_per_second"),
-                 t.user_attrs.get(budget.USER_GPU_SECONDS), note]
+                 record.WORKER.get(t), record.DEVICE.get(t), record.TRAIN_SECONDS.get(t),
+                 record.EVAL_SECONDS.get(t), record.SAMPLES_PER_SECOND.get(t), record.GPU_SECONDS.get(t), note]
         row = "".join(f"<td>{_e(c)}</td>" for c in cells)
         body.append(f'<tr class="{t.state.name.lower()}">{row}</tr>')
     return (f'<table class="trials" id="trials"><thead><tr>{head}</tr></thead>'

@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from sweeper import budget, checkpoints, finalize
+from sweeper import budget, checkpoints, record
 from sweeper.study import Sweep
 
 
@@ -24,40 +24,39 @@ def summarize(study: optuna.Study, sweep: Sweep) -> dict[str, Any]:
     """Everything the table shows, as JSON-friendly data."""
     trials = study.get_trials(deepcopy=False)
     tally = budget.tally(trials)
-    ranked = checkpoints.ranked(trials, sweep.direction)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    sign = 1 if sweep.direction == "maximize" else -1
-    best = max(complete, key=lambda t: (sign * t.value, -t.number)) if complete else None  # type: ignore[operator]
+    direction = record.direction_of(sweep.direction)
+    ranked = record.ranked(trials, direction)
+    best = record.best(trials, direction)
     now = time.time()
     running = []
     for t in trials:
         if t.state != TrialState.RUNNING:
             continue
-        progress = t.user_attrs.get("progress", {})
+        progress = record.PROGRESS.get(t, {})
         running.append({
-            "number": t.number, "worker": t.user_attrs.get("worker"), "host": t.user_attrs.get("host"),
-            "device": t.user_attrs.get("device"), "params": t.params,
+            "number": t.number, "worker": record.WORKER.get(t), "host": record.HOST.get(t),
+            "device": record.DEVICE.get(t), "params": t.params,
             "evaluation": progress.get("evaluation", 0), "of": progress.get("of"),
             "last_value": progress.get("value"),
             "seconds": round(now - t.datetime_start.timestamp(), 1) if t.datetime_start else None,
-            "retry_of": t.system_attrs.get("failed_trial"),
+            "retry_of": record.FAILED_TRIAL.get(t),
         })
-    failed = [{"number": t.number, "reason": t.user_attrs.get("fail_reason"), "params": t.params,
+    failed = [{"number": t.number, "reason": record.FAIL_REASON.get(t), "params": t.params,
                "retried": t.number in budget.superseded(trials)}
               for t in trials if t.state == TrialState.FAIL]
-    test = study.user_attrs.get(finalize.STUDY_BEST_TEST)
+    test = record.BEST_TEST.get(study)
     return {
         "study": sweep.name,
         "metric": sweep.metric,
         "direction": sweep.direction,
-        "budget": budget.study_system_attrs(study).get(budget.ATTR_N_TRIALS),
+        "budget": record.N_TRIALS.get(study),
         "counts": {"complete": tally.complete, "pruned": tally.pruned, "failed": tally.failed,
                    "retried": tally.retried, "running": tally.running, "waiting": tally.waiting,
                    "finished": tally.finished},
         "best": None if best is None else {
             "number": best.number, "value": best.value, "params": best.params,
-            "best_evaluation": best.user_attrs.get("best_evaluation"),
-            "checkpoint": best.user_attrs.get(checkpoints.USER_CHECKPOINT) is not None
+            "best_evaluation": record.BEST_EVALUATION.get(best),
+            "checkpoint": record.CHECKPOINT.get(best) is not None
             and best.number not in checkpoints.deleted(study),
             "test": test if test and test.get("trial") == best.number else None,
         },

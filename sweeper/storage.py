@@ -12,7 +12,8 @@ only the engine settings differ:
   during a long trial are replaced (Optuna #5600), small pools because each worker needs
   about two connections (#1347), and TCP keepalives.
 
-A password never leaves this module unmasked: :func:`mask` is applied to every URL that is
+Every storage it opens repeats its calls through a brief outage (``optuna_adapter.py``). A
+password never leaves this module unmasked: :func:`mask` is applied to every URL that is
 printed, logged or put in an error.
 """
 
@@ -23,20 +24,24 @@ import os
 import random
 import re
 import sqlite3
-import sys
 import time
 import warnings
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import optuna
 import sqlalchemy
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+from sweeper import optuna_adapter
 from sweeper.errors import SweepError
+from sweeper.redact import mask
+
+# TEMPORARY for cli.py while it is restructured; removed in the same change.
+retrying = optuna_adapter.call_with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +51,6 @@ HEARTBEAT_INTERVAL_S = 20  # a running trial's worker writes a heartbeat this of
 GRACE_PERIOD_S = 120  # a trial whose heartbeat is older than this is failed and retried
 GRPC_CONNECT_TIMEOUT_S = 60.0  # how long opening a grpc:// storage waits for `sweeper proxy`
 SCHEMA_RACE_ATTEMPTS = 8  # opening a new database while another process creates its tables
-
-T = TypeVar("T")
 
 
 def default_sqlite_url(output_dir: Path) -> str:
@@ -65,14 +68,6 @@ def resolve_url(cli_value: str | None, study_value: str | None, output_dir: Path
         # Relative SQLite paths are resolved once, here, so every worker opens the same file.
         return f"sqlite:///{Path(url[len('sqlite:///'):]).expanduser().resolve()}"
     return url
-
-
-_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)(?P<user>[^:/@]*):(?P<password>[^@]*)@", re.I)
-
-
-def mask(text: str) -> str:
-    """``text`` with the password of every URL in it replaced by ``***``."""
-    return _PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
 
 
 def is_sqlite(url: str) -> bool:
@@ -147,14 +142,16 @@ def open_storage(
     stale_trial_callback: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
     create_tables: bool = True,
     pool: tuple[int, int] | None = None,
-) -> optuna.storages.BaseStorage:
+) -> optuna_adapter.RetryingStorage:
     """An Optuna storage for ``url``, or a :class:`SweepError` that says what is wrong.
 
+    Its calls are repeated while the database or proxy is briefly unreachable
+    (:class:`sweeper.optuna_adapter.RetryingStorage`); an RDB storage has Optuna's cache inside.
     Build it inside the process that uses it: pooled connections must not cross ``fork``.
     ``pool`` is (size, overflow) for a PostgreSQL engine, in place of a worker's small one.
     """
     if url.startswith("grpc://"):
-        return _open_grpc(url)
+        return optuna_adapter.wrap(_open_grpc(url))
     if not re.match(r"^[a-z][a-z0-9+]*://", url, re.I) and not url.startswith("sqlite"):
         raise SweepError(f"the storage URL {mask(url)!r} is not a URL: use sqlite:///PATH or "
                          "postgresql+psycopg2://USER:PASSWORD@HOST:5432/DB")
@@ -181,7 +178,7 @@ def open_storage(
     if is_sqlite(url):
         storage.engine.pool.dispose()  # connections opened before this point begin deferred
         _IMMEDIATE_ENGINES.add(storage.engine)
-    return storage
+    return optuna_adapter.wrap(storage)
 
 
 def _open_grpc(url: str) -> optuna.storages.BaseStorage:
@@ -257,54 +254,3 @@ def explain(exc: BaseException, url: str) -> SweepError:
         return SweepError(f"the disk holding {shown} is full: free space, then run the same "
                           "command again (nothing finished is lost)")
     return SweepError(f"the storage {shown} failed: {mask(text)[:300]}")
-
-
-# --------------------------------------------------------------------------- resilience
-
-_TRANSIENT = ("server closed the connection", "terminating connection", "connection refused",
-              "could not connect", "connection reset", "broken pipe", "ssl syscall",
-              "database is locked", "connection timed out", "the database system is",
-              "connection already closed", "cannot connect", "lost connection", "admin_shutdown",
-              "no connection to the server", "timeout expired", "connection to server")
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for storage errors that a new connection fixes: a restarted or busy server."""
-    seen: BaseException | None = exc
-    for _ in range(5):
-        if seen is None:
-            break
-        if isinstance(seen, sqlalchemy.exc.DBAPIError) and seen.connection_invalidated:
-            return True
-        # A grpc:// storage: `sweeper proxy` is down (UNAVAILABLE), or was stopping when the
-        # call reached it (CANCELLED: it refuses new calls while it finishes those in flight).
-        grpc = sys.modules.get("grpc")
-        if grpc is not None and isinstance(seen, grpc.Call) and seen.code() in (
-                grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-            return True
-        if isinstance(seen, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
-                             optuna.exceptions.StorageInternalError, sqlalchemy.exc.TimeoutError)):
-            if any(s in " ".join(str(seen).split()).lower() for s in _TRANSIENT):
-                return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def retrying(call: Callable[[], T], *, what: str, deadline_s: float = 300.0) -> T:
-    """``call()``, retried with backoff while the storage is briefly unreachable.
-
-    A PostgreSQL restart or ``pg_terminate_backend`` breaks the connections in the pool;
-    ``pool_pre_ping`` replaces them at the next checkout, but the call in flight fails:
-    running it again is safe for the idempotent calls sweeper routes through here.
-    """
-    start, delay = time.monotonic(), 0.5
-    while True:
-        try:
-            return call()
-        except Exception as exc:
-            if not is_transient(exc) or time.monotonic() - start > deadline_s:
-                raise
-            logger.warning("storage unavailable during %s (%s); retrying in %.1fs", what,
-                           mask(" ".join(str(exc).split()))[:160], delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)

@@ -20,19 +20,18 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper import budget, liveness
-from sweeper.storage import mask, open_storage, retrying
+from sweeper import budget, liveness, optuna_adapter, record
+from sweeper.outcome import Outcome, WorkerInfo
+from sweeper.storage import mask, open_storage
 
 if TYPE_CHECKING:
     from sweeper.study import Sweep
@@ -40,24 +39,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 # fail_stale_trials has been "experimental" since Optuna 2.9; sweeper relies on it knowingly.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-@dataclass
-class WorkerInfo:
-    index: int
-    host: str = field(default_factory=socket.gethostname)
-    device: str = "cpu"  # "cuda:0" style, as the worker sees it
-    physical_gpu: str | None = None  # the GPU's index on its host (CUDA_VISIBLE_DEVICES)
-
-
-@dataclass
-class Outcome:
-    """How a trial ended, as the worker tells Optuna."""
-
-    state: TrialState
-    value: float | None = None
-    reason: str | None = None  # for FAIL, one line
-    preempted: bool = False  # stopped on request: hand it back for a retry
-
 
 EXIT_DONE = 0
 EXIT_PREEMPTED = 3
@@ -108,46 +89,50 @@ class RetryCallback:
         self.max_retries = max_retries
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        history = [*trial.system_attrs.get("retry_history", []), trial.number]
+        history = [*record.RETRY_HISTORY.get(trial, []), trial.number]
         if len(history) > self.max_retries:
             logger.warning("trial %d was cut off %d times: not retrying it again", trial.number, len(history))
             return
         system_attrs = {k: v for k, v in trial.system_attrs.items() if not k.startswith("artifacts:")}
-        system_attrs.update(failed_trial=history[0], retry_history=history)
-        retrying(lambda: study.add_trial(optuna.create_trial(
-            state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-            system_attrs=system_attrs,
-        )), what="queueing a retry")
+        system_attrs.update({record.FAILED_TRIAL.key: history[0], record.RETRY_HISTORY.key: history})
+        retry = optuna.create_trial(state=TrialState.WAITING, params=trial.params,
+                                    distributions=trial.distributions, system_attrs=system_attrs)
+        # Adding a trial is not repeated by the storage (a lost answer would add two); looking
+        # for this retry first makes the whole of it safe to repeat.
+        if not optuna_adapter.call_with_retries(lambda: _add_once(study, retry, history), what="queueing a retry"):
+            return
         logger.info("trial %d re-queued for a retry", trial.number)
+
+
+def _add_once(study: optuna.Study, retry: FrozenTrial, history: list[int]) -> bool:
+    """Add ``retry`` unless a trial with the same retry history is there already."""
+    if any(record.RETRY_HISTORY.get(t) == history for t in study.get_trials(deepcopy=False)):
+        return False
+    study.add_trial(retry)
+    return True
 
 
 def claim(study: optuna.Study) -> optuna.Trial | None:
     """Atomically take a WAITING ticket (WAITING -> RUNNING); None if there is none."""
-    storage = study._storage
-    study._thread_local.cached_all_trials = None  # as Study.ask does: see every new trial
-    waiting = retrying(lambda: budget.waiting_trial_ids(study), what="listing tickets")
-    for trial_id in waiting:
+    storage = optuna_adapter.storage_of(study)
+    optuna_adapter.forget_cached_trials(study)  # as Study.ask does: see every new trial
+    for trial_id in optuna_adapter.waiting_trial_ids(study):
         try:
-            taken = retrying(lambda: storage.set_trial_state_values(trial_id, state=TrialState.RUNNING),
-                             what="claiming a trial")
+            taken = storage.set_trial_state_values(trial_id, state=TrialState.RUNNING)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
         if taken:
             # One read of the study now, with the claimed trial in it: the storage's cache must
-            # know a trial before its parameters are set, and the sampler reuses this read
-            # (as it reuses the read of Study.ask) instead of making its own.
-            retrying(lambda: study._get_trials(deepcopy=False, use_cache=True), what="reading the study")
-            # Building the Trial reads the storage: a blip here must not strand a claimed trial.
-            return retrying(lambda: optuna.Trial(study, trial_id), what="opening the claimed trial")
+            # know a trial before its parameters are set, and the sampler reuses this read.
+            optuna_adapter.read_study_into_cache(study)
+            return optuna.Trial(study, trial_id)
     return None
 
 
 def hand_back(study: optuna.Study, trial: optuna.Trial, callback: RetryCallback, reason: str) -> None:
     """Fail ``trial`` now and queue its retry, instead of waiting for its heartbeat to go stale."""
-    retrying(lambda: trial.set_user_attr("fail_reason", reason), what="recording the reason")
-    retrying(lambda: study.tell(trial, state=TrialState.FAIL, skip_if_finished=True), what="handing back")
-    frozen = retrying(lambda: study._storage.get_trial(trial._trial_id), what="reading the trial")
-    callback(study, frozen)
+    record.FAIL_REASON.set(trial, reason)
+    callback(study, study.tell(trial, state=TrialState.FAIL, skip_if_finished=True))
 
 
 def run(
@@ -172,12 +157,12 @@ def run(
         stale_trial_callback=retry,
         create_tables=False,
     )
-    budget.read_tickets_lightly(storage)  # every read of the study would reload the unclaimed tickets
-    study = retrying(lambda: optuna.load_study(
+    optuna_adapter.read_tickets_lightly(storage)  # every read of the study would reload the unclaimed tickets
+    study = optuna.load_study(
         study_name=sweep.name, storage=storage,
         sampler=make_sampler(sweep, worker_seed(sweep.seed, info.index, host_salt)),
         pruner=make_pruner(sweep),
-    ), what="opening the study")
+    )
     # The study's recorded store, so a machine that joins writes where the launcher said.
     store = checkpoints.open_store(checkpoints.location_of(sweep, study), sweep.output_path)
     stop = threading.Event()
@@ -188,8 +173,7 @@ def run(
     code = serve(study, objective.run, retry, stop,
                  heartbeat_interval=heartbeat_interval or storage_mod.HEARTBEAT_INTERVAL_S,
                  grace_period=grace_period or storage_mod.GRACE_PERIOD_S, name=f"worker {info.index}")
-    if hasattr(storage, "engine"):
-        storage.engine.dispose()  # give the connections back now, not when the process exits
+    storage.dispose()  # give the connections back now, not when the process exits
     return code
 
 
@@ -219,7 +203,7 @@ def serve(
             break
         trial = claim(study)
         if trial is None:
-            trials = retrying(lambda: study.get_trials(deepcopy=False), what="reading trials")
+            trials = study.get_trials(deepcopy=False)
             if not any(t.state == TrialState.RUNNING for t in trials):
                 logger.info("%s stops: every trial of the budget has run", name)
                 break
@@ -227,7 +211,7 @@ def serve(
             continue
         logger.info("%s starts trial %d", name, trial.number)
         liveness.mark_owner(trial)
-        with liveness.Heartbeat(study._storage, trial._trial_id, heartbeat_interval):
+        with liveness.Heartbeat(optuna_adapter.storage_of(study), optuna_adapter.trial_id(trial), heartbeat_interval):
             outcome = run_trial(trial)
         _tell(study, trial, outcome, retry)
         if outcome.preempted:
@@ -240,17 +224,13 @@ def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, retry: Ret
         hand_back(study, trial, retry, outcome.reason or "preempted")
         logger.info("trial %d handed back for a retry", trial.number)
         return
-    # What Study.tell does, less its last step: reading the finished trial back to return it,
-    # a full trial read per trial that no one here uses (Study.optimize skips it the same way;
-    # measured by bench/orchestration.py, issue 7).
-    from optuna.study._tell import _tell_with_warning
-
-    if outcome.state == TrialState.COMPLETE:
-        retrying(lambda: _tell_with_warning(study, trial, outcome.value, skip_if_finished=True),
-                 what="finishing the trial")
-    else:
-        retrying(lambda: _tell_with_warning(study, trial, state=outcome.state, skip_if_finished=True),
-                 what="finishing the trial")
+    try:
+        optuna_adapter.tell_without_readback(study, trial, outcome.state, outcome.value)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # Finished already: by a tell whose answer the connection lost (the storage repeated
+        # it), or by a reaper that took this trial for dead. Either way it is not counted twice.
+        logger.warning("trial %d was already finished when its worker told it", trial.number)
+        return
     if outcome.state == TrialState.FAIL:
         logger.warning("trial %d failed with %s: %s", trial.number, trial.params, outcome.reason)
     elif outcome.state == TrialState.PRUNED:

@@ -19,7 +19,7 @@ import optuna
 import pytest
 import torch
 
-from sweeper import checkpoints, finalize
+from sweeper import checkpoints, finalize, record
 from sweeper.study import load as load_sweep
 from tests.helpers import TINY_STUDY, run_cli, write_study
 
@@ -131,7 +131,7 @@ def on_swept(test: Callable[..., None]) -> Callable[..., None]:
 
 
 def _ranked(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    return checkpoints.ranked(study.get_trials(), "maximize")
+    return record.ranked(study.get_trials(), record.direction_of("maximize"))
 
 
 def _error_line(stderr: str) -> str:
@@ -153,7 +153,7 @@ def test_keep_top_k_leaves_exactly_k_checkpoint_sets_and_no_resume_state(swept: 
     # file of a removed trial.
     expected = {meta["id"] for t in kept for meta in t.user_attrs["checkpoint"]["files"].values()}
     assert swept.view.names() == expected
-    assert all(t.user_attrs.get(checkpoints.USER_RESUME) is None for t in complete)
+    assert all(t.user_attrs.get(record.RESUME.key) is None for t in complete)
     # Each kept set is a full Hugging Face folder plus trial.json, listed where the dashboard
     # looks (Optuna's artifact metadata of the trial).
     for trial in kept:
@@ -215,7 +215,7 @@ def test_best_folder_loads_with_from_pretrained_and_reproduces_the_validation_me
     # --evaluate: the held-out test figure is that of the folder handed out.
     test = evaluate(TextAdapter(model), data.test, cpu, sweep.bf16, data.num_labels)
     assert metrics["test"]["accuracy"] == test["accuracy"]
-    assert study.user_attrs[finalize.STUDY_BEST_TEST]["trial"] == best.number
+    assert study.user_attrs[record.BEST_TEST.key]["trial"] == best.number
     assert f"held-out test accuracy {test['accuracy']:.4f}" in result.stdout
 
 
@@ -277,7 +277,7 @@ def test_best_on_a_study_with_no_finished_trial_says_so(tmp_path: Path) -> None:
 
 
 def _trial_with_checkpoint(value: float) -> optuna.trial.FrozenTrial:
-    return optuna.create_trial(value=value, user_attrs={checkpoints.USER_CHECKPOINT: {"files": {}}})
+    return optuna.create_trial(value=value, user_attrs={record.CHECKPOINT.key: {"files": {}}})
 
 
 def test_a_test_figure_becomes_best_test_only_for_the_best_trial() -> None:
@@ -285,8 +285,8 @@ def test_a_test_figure_becomes_best_test_only_for_the_best_trial() -> None:
     for value in (0.7, 0.9, 0.8):
         study.add_trial(_trial_with_checkpoint(value))
     finalize.record_test(study, 2, {"accuracy": 0.75}, "accuracy")  # `best --trial 2 --evaluate`
-    assert study.user_attrs[finalize.test_key(2)] == {"accuracy": 0.75}
-    assert finalize.STUDY_BEST_TEST not in study.user_attrs
+    assert study.user_attrs[record.TEST.key(2)] == {"accuracy": 0.75}
+    assert record.BEST_TEST.key not in study.user_attrs
     finalize.record_test(study, 1, {"accuracy": 0.85}, "accuracy")
-    assert study.user_attrs[finalize.STUDY_BEST_TEST]["trial"] == 1
-    assert study.user_attrs[finalize.STUDY_BEST_TEST]["value"] == 0.85
+    assert study.user_attrs[record.BEST_TEST.key]["trial"] == 1
+    assert study.user_attrs[record.BEST_TEST.key]["value"] == 0.85

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 import pytest
 
-from sweeper import checkpoints, dashboard
+from sweeper import checkpoints, dashboard, record
 from sweeper import study as study_mod
 from sweeper.errors import SweepError
 from sweeper.storage import open_storage
@@ -187,7 +187,7 @@ def test_dashboard_finds_an_s3_store_recorded_on_the_study(finished_sweep: dict[
     optuna.copy_study(from_study_name="tiny", from_storage=read_only(str(finished_sweep["url"])),
                       to_storage=open_storage(url, heartbeat_interval=None, grace_period=None))
     study = optuna.load_study(study_name="tiny", storage=url)
-    study.set_user_attr(checkpoints.STUDY_ARTIFACT_STORE, "s3://dashboard/sweeps/tiny")
+    study.set_user_attr(record.ARTIFACT_STORE.key, "s3://dashboard/sweeps/tiny")
     best = study.best_trial  # keep-top-k may have removed other trials' files by now, never the best's
     assert "checkpoint" in best.user_attrs
     files = best.user_attrs["checkpoint"]["files"]

@@ -15,7 +15,7 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper import budget, checkpoints, storage
+from sweeper import budget, checkpoints, record, storage
 from sweeper.errors import SweepError
 from sweeper.launcher import LaunchOptions, plan_slots
 from tests.helpers import ROOT, TINY_STUDY, run_cli, write_study
@@ -92,7 +92,7 @@ def _mid_training(trial: FrozenTrial) -> bool:
     """Running, with a resume point saved (at least one evaluation done), in its first half:
     on a loaded machine the signal may land a few evaluations after the trial was seen."""
     progress = trial.user_attrs.get("progress", {})
-    return (trial.state == TrialState.RUNNING and checkpoints.USER_RESUME in trial.user_attrs
+    return (trial.state == TrialState.RUNNING and record.RESUME.key in trial.user_attrs
             and progress.get("evaluation", 99) <= 4)
 
 
@@ -115,7 +115,7 @@ def test_kill_9_of_a_worker_mid_trial_resumes_the_trial_from_its_checkpoint(tmp_
     # On SQLite only, to keep the suite short: the same reaping and resume on PostgreSQL are
     # shown by tests/test_workers.py and tests/test_storage.py (a server restart mid-sweep).
     storage_url, launcher, victim = _caught_mid_trial(tmp_path)
-    saved_step = victim.user_attrs[checkpoints.USER_RESUME]["step"]
+    saved_step = victim.user_attrs[record.RESUME.key]["step"]
     os.kill(victim.user_attrs["pid"], signal.SIGKILL)
     out, err = launcher.communicate(timeout=240)
     assert launcher.returncode == 0, err[-3000:]
@@ -242,7 +242,7 @@ def test_no_trial_starts_after_the_deadline(tmp_path: Path) -> None:
     opened = storage.open_storage(url, heartbeat_interval=1, grace_period=4, stale_trial_callback=RetryCallback(1))
     study = optuna.create_study(study_name="budget", storage=opened)
     budget.ensure_tickets(study, 3)
-    opened.set_study_system_attr(study._study_id, budget.ATTR_DEADLINE, time.time() - 1)
+    record.DEADLINE.set(study, time.time() - 1)
     assert budget.out_of_time(study) == "the sweep's time limit (--timeout) is reached"
     worker = subprocess.run([sys.executable, "-m", "tests.trivial_worker", url, "budget", "0"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)

@@ -23,7 +23,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from sweeper import budget, liveness, storage
+from sweeper import budget, liveness, record, storage
 from sweeper import proxy as proxy_module
 from sweeper.errors import SweepError
 from sweeper.worker import claim
@@ -35,13 +35,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalW
 GRACE_S = 3  # the proxy's grace period in these tests: a dead worker's trial is retried after it
 
 # One light worker: sweeper's worker loop (claim a ticket, heartbeat, run, tell, retry) with a
-# trivial objective that sleeps SECONDS; like the real objective, it sends its own storage
-# calls through storage.retrying. argv: STUDY_NAME SECONDS.
+# trivial objective that sleeps SECONDS; its storage repeats calls through a proxy restart, as
+# every storage that open_storage opens does. argv: STUDY_NAME SECONDS.
 LIGHT_WORKER = textwrap.dedent("""
     import os, sys, threading, time, warnings
     import optuna
     from optuna.trial import TrialState
-    from sweeper.storage import open_storage, retrying
+    from sweeper.storage import open_storage
     from sweeper.worker import Outcome, RetryCallback, serve
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -50,7 +50,7 @@ LIGHT_WORKER = textwrap.dedent("""
                               sampler=optuna.samplers.RandomSampler())
 
     def run_trial(trial):
-        x = retrying(lambda: trial.suggest_float("x", -1.0, 1.0), what="sampling")
+        x = trial.suggest_float("x", -1.0, 1.0)
         time.sleep(seconds)
         return Outcome(TrialState.COMPLETE, value=x * x)
 
@@ -160,7 +160,7 @@ def test_32_workers_through_the_proxy_finish_the_budget_exactly_on_a_few_connect
     assert len(numbers) == len(set(numbers)) == n_trials  # no trial beyond the budget, none twice
     assert all(t.state == TrialState.COMPLETE for t in trials)  # none left WAITING or RUNNING
     # Most workers ran a trial: the proxy served them at once, not one after another.
-    assert len({t.user_attrs[liveness.USER_PID] for t in trials}) >= n_workers // 2
+    assert len({t.user_attrs[record.PID.key] for t in trials}) >= n_workers // 2
     # Direct to PostgreSQL, each worker holds about 2 connections (64 here); the proxy holds
     # its fixed pool whatever the number of workers.
     assert 1 <= connections.peak <= proxy_module.PROXY_POOL_SIZE == 6, connections.samples
@@ -176,13 +176,13 @@ def test_a_killed_worker_behind_the_proxy_has_its_trial_failed_and_retried_by_th
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # until its trial is running and beating
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if running and liveness.USER_BEAT in running[0].user_attrs:
+        if running and record.HEARTBEAT_AT.key in running[0].user_attrs:
             break
         time.sleep(0.2)
     else:
         pytest.fail((tmp_path / "slow.log").read_text()[-2000:])
     victim = running[0]
-    assert victim.user_attrs[liveness.USER_PID] == slow.pid
+    assert victim.user_attrs[record.PID.key] == slow.pid
     slow.send_signal(signal.SIGKILL)
     slow.wait()
 
@@ -218,7 +218,7 @@ def test_workers_ride_out_a_restart_of_the_proxy(proxies: Proxies, tmp_path: Pat
     try:
         # Stop the proxy while the worker is inside a trial, after its first one finished.
         while not (study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                   and any(liveness.USER_BEAT in t.user_attrs
+                   and any(record.HEARTBEAT_AT.key in t.user_attrs
                            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))):
             time.sleep(0.1)
         first.process.send_signal(signal.SIGTERM)  # calls in flight finish; new ones are refused
@@ -247,7 +247,7 @@ def test_a_restarted_proxy_knows_the_trials_workers_were_running(proxies: Proxie
     proxies.start(grace=120, port=int(first.url.rsplit(":", 1)[1]))
     # The first call after the restart is about that trial (Optuna's cached storage behind the
     # proxy answered NOT_FOUND to it until the proxy read every study on start).
-    x = storage.retrying(lambda: trial.suggest_float("x", 0.0, 1.0), what="sampling")
+    x = trial.suggest_float("x", 0.0, 1.0)
     study.tell(trial, x)
     assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.COMPLETE]
 
@@ -265,7 +265,7 @@ def test_launch_through_the_proxy_runs_the_real_sweep(proxies: Proxies, tmp_path
     study = optuna.load_study(study_name="tiny", storage=storage.open_storage(proxy.url))
     assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.COMPLETE] * 2
     # The workers kept the attribute heartbeat, since the proxy has no native one.
-    assert all(liveness.USER_BEAT in t.user_attrs for t in study.get_trials(deepcopy=False))
+    assert all(record.HEARTBEAT_AT.key in t.user_attrs for t in study.get_trials(deepcopy=False))
     status = run_cli("status", str(study_file), "--json", env={"SWEEPER_STORAGE": proxy.url})
     assert status.returncode == 0 and '"complete": 2' in status.stdout, status.stderr
 

@@ -1,6 +1,6 @@
 """A worker's storage reads unclaimed tickets lightly, and sees exactly what a plain one sees.
 
-``budget.read_tickets_lightly`` (issue 7) builds bare tickets itself instead of loading them
+``optuna_adapter.read_tickets_lightly`` (issue 7) builds bare tickets itself instead of loading them
 at every read; these tests check that a study read through it is, after every change a sweep
 makes, the same list of trials as the one Optuna's own reads give.
 """
@@ -11,7 +11,7 @@ import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from sweeper import budget
+from sweeper import budget, optuna_adapter
 from sweeper.storage import open_storage
 from sweeper.worker import RetryCallback, claim
 
@@ -19,7 +19,7 @@ from sweeper.worker import RetryCallback, claim
 def _view(url: str, light: bool) -> optuna.Study:
     storage = open_storage(url, heartbeat_interval=None, grace_period=None, create_tables=False)
     if light:
-        budget.read_tickets_lightly(storage)
+        optuna_adapter.read_tickets_lightly(storage)
     return optuna.load_study(study_name="tickets", storage=storage)
 
 

@@ -1,0 +1,197 @@
+"""What sweeper records on a trial and on a study, defined once: key, type, writer, readers.
+
+Optuna keeps a trial's and a study's extra data as JSON attributes under string keys. Every
+key sweeper writes or reads is a :class:`Field` here, and every module reads and writes
+through it, so that a key cannot be misspelt in one place, and the list below (also written
+out in ``docs/records.md``, checked by a test) is the whole of it. How trials are ranked is
+defined here too, once, with Optuna's :class:`~optuna.study.StudyDirection`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar
+
+import optuna
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from sweeper import optuna_adapter
+
+T = TypeVar("T")
+
+Scope = Literal["trial user", "trial system", "study user", "study system"]
+Holder = optuna.Trial | FrozenTrial | optuna.Study
+
+
+@dataclass(frozen=True)
+class Field(Generic[T]):
+    """One attribute: ``key`` in the ``scope`` attributes, holding a ``kind`` value."""
+
+    key: str
+    scope: Scope
+    kind: str  # the JSON value, as a reader should expect it
+    writer: str  # the module that writes it
+    readers: tuple[str, ...]  # the modules that read it
+    meaning: str
+
+    def get(self, holder: Holder, default: Any = None) -> Any:
+        """The value on ``holder`` (a trial or a study), or ``default`` when it has none."""
+        return _attributes(holder, self.scope).get(self.key, default)
+
+    def set(self, holder: Holder, value: T) -> None:
+        if self.scope in ("trial user", "study user"):
+            holder.set_user_attr(self.key, value)
+        elif self.scope == "study system" and isinstance(holder, optuna.Study):
+            optuna_adapter.set_study_system_attr(holder, self.key, value)
+        else:  # trial system attributes are Optuna's (retries): sweeper writes them only whole
+            raise TypeError(f"{self.key} is written with its trial, not set afterwards")
+
+
+@dataclass(frozen=True)
+class Family(Generic[T]):
+    """Attributes that share a prefix: ``<prefix><name>``, one per metric or per trial."""
+
+    prefix: str
+    scope: Scope
+    kind: str
+    writer: str
+    readers: tuple[str, ...]
+    meaning: str
+
+    def key(self, name: object) -> str:
+        return f"{self.prefix}{name}"
+
+    def get(self, holder: Holder, name: object, default: Any = None) -> Any:
+        return _attributes(holder, self.scope).get(self.key(name), default)
+
+    def set(self, holder: Holder, name: object, value: T) -> None:
+        holder.set_user_attr(self.key(name), value)
+
+    def items(self, holder: Holder) -> dict[str, Any]:
+        """Every member on ``holder``, by the name after the prefix."""
+        return {key[len(self.prefix):]: value for key, value in _attributes(holder, self.scope).items()
+                if key.startswith(self.prefix)}
+
+
+def _attributes(holder: Holder, scope: Scope) -> dict[str, Any]:
+    if scope == "trial user" or scope == "study user":
+        return holder.user_attrs
+    if scope == "trial system":
+        return optuna_adapter.trial_system_attrs(holder)  # type: ignore[arg-type]
+    return optuna_adapter.study_system_attrs(holder)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- a trial
+
+WORKER = Field[int]("worker", "trial user", "int", "objective", ("status", "report"),
+                    "index of the worker slot that ran it")
+HOST = Field[str]("host", "trial user", "str", "liveness", ("liveness", "status", "report"),
+                  "the machine that runs it (owner check)")
+PID = Field[int]("pid", "trial user", "int", "liveness", ("liveness",), "the worker process that runs it (owner check)")
+HEARTBEAT_AT = Field[float]("heartbeat_at", "trial user", "float (epoch s)", "liveness", ("liveness",),
+                            "last beat, where the storage has no heartbeat of Optuna's (the gRPC proxy)")
+DEVICE = Field[str]("device", "trial user", "str", "objective", ("status", "report"), "cpu, cuda:0, or cuda (GPU n)")
+DEVICES = Field[int]("devices", "trial user", "int", "objective", ("budget",),
+                     "devices it holds, for the device-hours it spends")
+CONFIG = Field[dict[str, Any]]("config", "trial user", "dict", "objective", (),
+                               "the resolved study configuration, hyperparameters, block count, seed, version "
+                               "(for people, in the dashboard)")
+PROGRESS = Field[dict[str, Any]]("progress", "trial user", "{evaluation, of, value}", "objective",
+                                 ("status", "report"), "where a running trial is")
+VALIDATION = Family[float]("val_", "trial user", "float", "objective", ("best", "report"),
+                           "every validation metric at the best evaluation (val_accuracy, ...)")
+BEST_EVALUATION = Field[int]("best_evaluation", "trial user", "int", "objective", ("status", "best"),
+                             "the evaluation that the value and the checkpoint come from")
+TRAIN_SECONDS = Field[float]("train_seconds", "trial user", "float (s)", "objective", ("report",), "time in training steps")
+EVAL_SECONDS = Field[float]("eval_seconds", "trial user", "float (s)", "objective", ("report",), "time in evaluations")
+SAMPLES_PER_SECOND = Field[float]("samples_per_second", "trial user", "float", "objective", ("report",),
+                                  "training throughput")
+STEPS = Field[int]("steps", "trial user", "int", "objective", (), "optimizer steps taken")
+GPU_SECONDS = Field[float]("gpu_seconds", "trial user", "float (s)", "objective", ("budget", "report"),
+                           "device-seconds it used (elapsed time x devices)")
+RESUMED_FROM_STEP = Field[int]("resumed_from_step", "trial user", "int", "objective", (),
+                               "for a retry: the step it continued from")
+LINEAGE = Field[list[int]]("lineage", "trial user", "list[int]", "objective", (),
+                           "for a retry: the trials before it, oldest first")
+FAIL_REASON = Field[str]("fail_reason", "trial user", "str", "objective, worker, liveness", ("status", "report"),
+                         "one line, for a failed trial")
+CHECKPOINT = Field[dict[str, Any]]("checkpoint", "trial user", "{files: {name: {id, sha256, bytes}}, evaluation, value}",
+                                   "objective", ("checkpoints", "status", "report"),
+                                   "the model checkpoint's artifacts")
+RESUME = Field[dict[str, Any] | None]("resume", "trial user", "{id, step} or None", "checkpoints",
+                                      ("checkpoints", "objective"), "the resume state; None once the trial ended")
+
+RETRY_HISTORY = Field[list[int]]("retry_history", "trial system", "list[int]", "worker (RetryCallback)",
+                                 ("budget", "objective", "worker"),
+                                 "the trials a retry replaces, oldest first (Optuna's own key)")
+FAILED_TRIAL = Field[int]("failed_trial", "trial system", "int", "worker (RetryCallback)", ("status",),
+                          "the first trial of a retry's lineage (Optuna's own key)")
+FIXED_PARAMS = Field[dict[str, Any]]("fixed_params", "trial system", "dict", "budget (enqueue_trial)", ("budget",),
+                                     "a first trial's values (Optuna's own key)")
+
+# --------------------------------------------------------------------------- a study
+
+STUDY_CONFIG = Field[dict[str, Any]]("config", "study user", "dict", "launcher", ("proxy",),
+                                     "the study configuration the sweep was launched with")
+ARTIFACT_STORE = Field[str]("artifact_store", "study user", "str", "checkpoints", ("checkpoints",),
+                            "the `artifacts` the sweep was launched with, when one was named")
+TEST = Family[dict[str, float]]("test:", "study user", "{metric: value}", "finalize", ("finalize", "best"),
+                                "held-out test figures of a trial (test:<number>)")
+BEST_TEST = Field[dict[str, Any]]("best_test", "study user", "{trial, metric, value, all}", "finalize", ("status",),
+                                  "the held-out test figure of the best trial")
+CHECKPOINT_DELETED = Family[int]("checkpoint_deleted:", "study user", "int (k)", "checkpoints",
+                                 ("checkpoints",),
+                                 "keep-top-k removed this trial's checkpoint (checkpoint_deleted:<number>)")
+N_TRIALS = Field[int]("sweeper:n_trials", "study system", "int", "budget", ("status", "proxy"),
+                      "the trial budget; marks a study as sweeper's")
+DEADLINE = Field[float | None]("sweeper:deadline", "study system", "float (epoch s) or None", "launcher", ("budget",),
+                               "after this, no new trial starts (--timeout)")
+GPU_SECONDS_BUDGET = Field[float | None]("sweeper:gpu_seconds_budget", "study system", "float (s) or None", "launcher",
+                                         ("budget",), "device-seconds the sweep may spend (--gpu-hours)")
+
+# Every field above, in the order of this file (which is the order of docs/records.md).
+FIELDS: tuple[Field[Any] | Family[Any], ...] = tuple(
+    value for value in list(globals().values()) if isinstance(value, Field | Family))
+
+
+def table() -> str:
+    """The fields as a Markdown table: ``docs/records.md`` holds exactly this."""
+    rows = ["| key | where | value | written by | read by | meaning |", "| --- | --- | --- | --- | --- | --- |"]
+    for f in FIELDS:
+        key = f"`{f.key}`" if isinstance(f, Field) else f"`{f.prefix}…`"
+        rows.append(f"| {key} | {f.scope} | {f.kind} | {f.writer} | {', '.join(f.readers) or '-'} | {f.meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+# --------------------------------------------------------------------------- ranking
+
+
+def direction_of(value: str | StudyDirection) -> StudyDirection:
+    """Optuna's direction for a study file's ``"maximize"`` / ``"minimize"`` (or a direction)."""
+    return value if isinstance(value, StudyDirection) else StudyDirection[value.upper()]
+
+
+def better(candidate: float, incumbent: float | None, direction: StudyDirection) -> bool:
+    """True when ``candidate`` beats ``incumbent`` (strictly: a tie keeps the incumbent)."""
+    if incumbent is None:
+        return True
+    return candidate > incumbent if direction == StudyDirection.MAXIMIZE else candidate < incumbent
+
+
+def ranked(trials: Iterable[FrozenTrial], direction: StudyDirection, *,
+           with_checkpoint: bool = True) -> list[FrozenTrial]:
+    """Complete trials (with a checkpoint, unless told otherwise), best first; a tie goes to
+    the earlier trial. The launcher's progress line, ``status``, ``report``, ``best``,
+    keep-top-k and ``finalize`` all rank with this."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
+            and (not with_checkpoint or CHECKPOINT.get(t))]
+    sign = -1.0 if direction == StudyDirection.MAXIMIZE else 1.0
+    return sorted(done, key=lambda t: (sign * float(t.value), t.number))  # type: ignore[arg-type]
+
+
+def best(trials: Iterable[FrozenTrial], direction: StudyDirection) -> FrozenTrial | None:
+    """The best complete trial, checkpoint or not (what the progress line and status show)."""
+    order = ranked(trials, direction, with_checkpoint=False)
+    return order[0] if order else None

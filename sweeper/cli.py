@@ -1,4 +1,8 @@
-"""The ``sweeper`` command: one function per subcommand, ``main() -> int``.
+"""The ``sweeper`` command: a table of subcommands, ``main() -> int``.
+
+Each subcommand is two functions side by side: ``_add_NAME`` declares its parser (its own flags,
+the shared ones through argparse's ``parents=``, its help ending with examples) and ``cmd_NAME``
+runs it. ``_COMMANDS`` lists them in the order ``sweeper --help`` shows them.
 
 Any problem with the user's input or environment ends in one line on stderr and exit code 2;
 only this module prints.
@@ -13,12 +17,17 @@ import os
 import platform
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sweeper import __version__
 from sweeper.errors import SweepError
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    _Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 
 EXIT_USAGE = 2
 
@@ -41,7 +50,7 @@ def _url(args: argparse.Namespace, sweep: Any) -> str:
 def _open_study(args: argparse.Namespace, sweep: Any) -> Any:
     import optuna
 
-    from sweeper.storage import mask, open_storage, retrying
+    from sweeper.storage import mask, open_storage
 
     url = _url(args, sweep)
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
@@ -49,7 +58,7 @@ def _open_study(args: argparse.Namespace, sweep: Any) -> Any:
                          f"yet (run `sweeper launch {args.study}` first)")
     storage = open_storage(url, heartbeat_interval=None, grace_period=None, create_tables=False)
     try:
-        return retrying(lambda: optuna.load_study(study_name=sweep.name, storage=storage), what="opening the study")
+        return optuna.load_study(study_name=sweep.name, storage=storage)
     except KeyError:
         raise SweepError(f"the study {sweep.name!r} does not exist in {mask(url)}: run "
                          f"`sweeper launch {args.study}` first") from None
@@ -68,7 +77,70 @@ def _setup_logging(verbose: int, prefix: str = "") -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+# --------------------------------------------------------------------------- parsers
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _command(sub: _Subparsers, name: str, run: Callable[[argparse.Namespace], int] | None, help: str, *,
+             examples: Sequence[str], description: str | None = None,
+             parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
+    """The parser of ``sweeper NAME``, run by ``run``; its help ends with ``examples``."""
+    parser = sub.add_parser(name, help=help, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description=description, epilog=_examples(*examples), parents=list(parents))
+    if run is not None:
+        parser.set_defaults(func=run)
+    return parser
+
+
+def _flags() -> argparse.ArgumentParser:
+    """A group of flags that several commands share, declared once (their ``parents=``)."""
+    return argparse.ArgumentParser(add_help=False)
+
+
+_STUDY = _flags()
+# nargs="?": a study path that a --set before it took in is found again in main().
+_STUDY.add_argument("study", nargs="?", help="path of the study file, e.g. studies/quickstart.py")
+_STUDY.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
+                    help="override study values, several after one --set or one --set each: epochs=1, "
+                         "model=PATH, data.max_length=64, space.learning_rate=1e-5..1e-3")
+
+_STORAGE = _flags()
+_STORAGE.add_argument("--storage", metavar="URL",
+                      help="storage URL (default: $SWEEPER_STORAGE, the study's, or SQLite in its output folder)")
+
+_WORKERS = _flags()  # the worker processes of one machine: `launch` and `worker`
+_WORKERS.add_argument("--workers", type=int,
+                      help="worker processes on this machine (default: one per GPU, or 1 on CPU)")
+_WORKERS.add_argument("--workers-per-gpu", type=int, default=1, metavar="K",
+                      help="trials sharing each GPU (default 1)")
+_WORKERS.add_argument("--gpus", metavar="IDS", help="GPUs to use, e.g. 0,2 (default: every visible GPU)")
+_WORKERS.add_argument("--heartbeat", type=int, metavar="S", help="heartbeat interval in seconds (default 20)")
+_WORKERS.add_argument("--grace", type=int, metavar="S",
+                      help="seconds without a heartbeat before a trial is failed and retried (default 120)")
+_WORKERS.add_argument("--keep", type=int, metavar="K",
+                      help="keep the checkpoints of the best K trials, delete the rest as the sweep "
+                           "runs (default: the study's `keep`, 3 unless it says otherwise)")
+
+_BUDGET = _flags()  # the global budget, set where the study is created: `launch` and `create`
+_BUDGET.add_argument("--n-trials", type=int, metavar="N", help="trials in all, across every worker and machine")
+_BUDGET.add_argument("--timeout", type=float, metavar="S", help="no new trial starts after S seconds")
+_BUDGET.add_argument("--gpu-hours", type=float, metavar="H", help="no new trial starts once H GPU-hours are spent")
+
+_VERBOSE = _flags()
+_VERBOSE.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+
+
 # --------------------------------------------------------------------------- commands
+
+
+def _add_validate(sub: _Subparsers) -> None:
+    _command(sub, "validate", cmd_validate, "check a study file and sample its space once (no training)",
+             description=cmd_validate.__doc__, parents=[_STUDY, _STORAGE],
+             examples=["sweeper validate studies/bert_sst2.py",
+                       "sweeper validate studies/bert_sst2.py --set model=../shared/models/minilm-l6-h384"])
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -101,6 +173,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"  first {k + 1:<4d} {json.dumps(params)}")
     print(f"  a sample   {json.dumps(sample)}")
     return 0
+
+
+def _add_launch(sub: _Subparsers) -> None:
+    _command(sub, "launch", cmd_launch, "create or resume a sweep and run its workers here",
+             description="Create the study (or resume it), then run worker processes on this "
+                         "machine until the budget is spent. Ctrl-C stops cleanly; launching "
+                         "again resumes. Workers are forked from a template process that "
+                         "imports PyTorch once (SWEEPER_WORKER_START=fresh: a new interpreter "
+                         "each).",
+             parents=[_STUDY, _STORAGE, _WORKERS, _VERBOSE, _BUDGET],
+             examples=["sweeper launch studies/quickstart.py --workers 2",
+                       "sweeper launch studies/bert_sst2.py --workers 8 --workers-per-gpu 2",
+                       "SWEEPER_STORAGE=postgresql+psycopg2://u:p@db/sweeps sweeper launch studies/bert_sst2.py"])
 
 
 def cmd_launch(args: argparse.Namespace, join: bool = False) -> int:
@@ -138,27 +223,24 @@ def cmd_launch(args: argparse.Namespace, join: bool = False) -> int:
     return launcher.run()
 
 
+def _add_worker(sub: _Subparsers) -> None:
+    _command(sub, "worker", cmd_worker, "join a running sweep from this machine",
+             description="Run workers for a study that `sweeper launch` created on a shared "
+                         "storage; never creates the study or changes its budget. Workers start "
+                         "as for `sweeper launch`.",
+             parents=[_STUDY, _STORAGE, _WORKERS, _VERBOSE],
+             examples=["SWEEPER_STORAGE=postgresql+psycopg2://u:p@db/sweeps sweeper worker studies/bert_sst2.py --workers 4"])
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     return cmd_launch(args, join=True)
 
 
-def cmd_work(args: argparse.Namespace) -> int:
-    """One worker process (started by the launcher)."""
-    from sweeper import worker
-    from sweeper.worker import WorkerInfo
-
-    _setup_logging(1, prefix=f"[worker {args.index}] ")
-    if os.environ.get("SWEEPER_THREADS"):
-        import torch
-
-        torch.set_num_threads(int(os.environ["SWEEPER_THREADS"]))
-    sweep = _load(args)
-    url = _url(args, sweep)
-    info = WorkerInfo(index=args.index, device="cuda:0" if args.gpu is not None else "cpu",
-                      physical_gpu=args.gpu)
-    salt = socket.gethostname() if args.join else ""
-    return worker.run(sweep, url, info, host_salt=salt, heartbeat_interval=args.heartbeat,
-                      grace_period=args.grace)
+def _add_status(sub: _Subparsers) -> None:
+    parser = _command(sub, "status", cmd_status, "trials by state, the best so far, what is running",
+                      parents=[_STUDY, _STORAGE],
+                      examples=["sweeper status studies/quickstart.py", "sweeper status studies/quickstart.py --json"])
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -174,6 +256,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_best(sub: _Subparsers) -> None:
+    parser = _command(sub, "best", cmd_best, "write the best trial's checkpoint, params and metrics to a folder",
+                      description="Write the best trial's checkpoint (or trial N's) into a folder that "
+                                  "the model's own loader opens (from_pretrained for text models), with "
+                                  "params.json and metrics.json. Works while the sweep runs. Each file's "
+                                  "SHA-256 is checked against the one recorded when it was saved; a "
+                                  "corrupt or missing file is refused and nothing is written.",
+                      parents=[_STUDY, _STORAGE],
+                      examples=["sweeper best studies/quickstart.py --out best/",
+                                "sweeper best studies/bert_sst2.py --out best/ --evaluate",
+                                "sweeper best studies/bert_sst2.py --out t7/ --trial 7"])
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder to write (created if missing)")
+    parser.add_argument("--trial", type=int, metavar="N", help="this trial instead of the best")
+    parser.add_argument("--evaluate", action="store_true", help="also score it on the held-out test split")
+
+
 def cmd_best(args: argparse.Namespace) -> int:
     from sweeper import best
 
@@ -182,6 +280,23 @@ def cmd_best(args: argparse.Namespace) -> int:
     result = best.export(sweep, study, Path(args.out), trial_number=args.trial, evaluate=args.evaluate)
     print(result)
     return 0
+
+
+def _add_dashboard(sub: _Subparsers) -> None:
+    parser = _command(sub, "dashboard", cmd_dashboard, "optuna-dashboard on the study's storage and checkpoints",
+                      description="Serve optuna-dashboard on the study's storage, with its artifact store "
+                                  "so that each trial's checkpoint files are listed beside it. The "
+                                  "dashboard has no login: it listens on 127.0.0.1 unless --host says "
+                                  "otherwise. Ctrl-C stops it.",
+                      parents=[_STUDY, _STORAGE],
+                      examples=["sweeper dashboard studies/quickstart.py",
+                                "sweeper dashboard studies/bert_sst2.py --port 8081",
+                                "SWEEPER_STORAGE=postgresql+psycopg2://u:p@db/sweeps sweeper dashboard studies/bert_sst2.py --host 0.0.0.0"])
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes it, without a login)")
+    parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0 picks a free one)")
+    # Not the shared -v: at -vv the dashboard logs every request, which its help says.
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv logs every request)")
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
@@ -201,6 +316,19 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_report(sub: _Subparsers) -> None:
+    parser = _command(sub, "report", cmd_report, "write one self-contained HTML report of the sweep (opens offline)",
+                      description="Write one self-contained HTML file (plotly.js inlined: it opens "
+                                  "offline): optimisation history, importances, parallel coordinates, "
+                                  "pruning curves, the metric over λ and unfreeze depth, timings, "
+                                  "GPU-hours, and the best trial with its held-out test figure.",
+                      parents=[_STUDY, _STORAGE],
+                      examples=["sweeper report studies/quickstart.py --out report.html",
+                                "sweeper report studies/bert_sst2.py --storage postgresql+psycopg2://u:p@db/sweeps --out bert.html"])
+    parser.add_argument("--out", metavar="FILE",
+                        help="HTML file to write (default: report.html in the study's output folder)")
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the sweep's report: one HTML file that opens offline."""
     from sweeper import report
@@ -214,6 +342,128 @@ def cmd_report(args: argparse.Namespace) -> int:
     for key, why in result.not_drawn.items():
         print(f"  {key}: {why}")
     return 0
+
+
+def _add_create(sub: _Subparsers) -> None:
+    _command(sub, "create", cmd_create, "create a sweep's study and budget on its storage; start no worker",
+             description="Create the study (or resume it) and set its budget, as `sweeper launch` "
+                         "does, but start no worker: for Docker Compose and Kubernetes, where "
+                         "the workers run elsewhere and join with `sweeper worker`.",
+             parents=[_STUDY, _STORAGE, _BUDGET, _VERBOSE],
+             examples=["SWEEPER_STORAGE=postgresql+psycopg2://u:p@db/sweeps sweeper create studies/bert_sst2.py",
+                       "sweeper create studies/bert_sst2.py --storage grpc://proxy:13000 --n-trials 200"])
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    """Create the study (or resume it) and set its budget; start no worker."""
+    from sweeper import study
+    from sweeper.launcher import LaunchOptions, prepare_study
+    from sweeper.storage import mask
+
+    sweep = _load(args)
+    study.check_model_fit(sweep, args.study)
+    url = _url(args, sweep)
+    options = LaunchOptions(study_path=args.study, overrides=args.set or [], url=url, n_trials=args.n_trials,
+                            timeout=args.timeout, gpu_hours=args.gpu_hours)
+    prepare_study(sweep, options)
+    print(f"sweeper: study {sweep.name!r} is ready in {mask(url)} with a budget of "
+          f"{args.n_trials or sweep.n_trials} trials; workers join it with `sweeper worker {args.study}`")
+    return 0
+
+
+def _add_proxy(sub: _Subparsers) -> None:
+    # Its own flags as a group too, so that --help lists them before the shared -v, as it always has.
+    flags = _flags()
+    flags.add_argument("--storage", metavar="URL", help="the database URL (default: $SWEEPER_STORAGE)")
+    flags.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for "
+                                                           "workers on other machines: there is no login)")
+    flags.add_argument("--port", type=int, default=13000, help="port to listen on (default 13000)")
+    flags.add_argument("--grace", type=float, default=120, metavar="S",
+                       help="seconds without a heartbeat before a trial is failed and retried (default 120; "
+                            "match the workers' --grace)")
+    flags.add_argument("--threads", type=int, default=8, metavar="N",
+                       help="request threads (default 8); each busy one holds a database connection")
+    _command(sub, "proxy", cmd_proxy, "one gRPC storage proxy in front of the database, for many workers",
+             description="Serve the database to workers over gRPC (Optuna's storage proxy), so "
+                         "that PostgreSQL sees the proxy's few connections instead of a few per "
+                         "worker. Workers use --storage grpc://HOST:PORT. Workers behind it have "
+                         "no native heartbeat: the proxy fails and retries the trials whose "
+                         "attribute heartbeat is older than --grace. It has no login: it listens "
+                         "on 127.0.0.1 unless --host says otherwise.",
+             parents=[flags, _VERBOSE],
+             examples=["sweeper proxy --storage postgresql+psycopg2://u:p@db/sweeps",
+                       "SWEEPER_STORAGE=postgresql+psycopg2://u:p@db/sweeps sweeper proxy --host 0.0.0.0 --port 13000",
+                       "SWEEPER_STORAGE=grpc://proxyhost:13000 sweeper worker studies/bert_sst2.py"])
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    """Serve one database to many workers over gRPC; fail and retry the trials of dead workers."""
+    from sweeper import proxy
+    from sweeper.storage import ENV_STORAGE, mask
+
+    url = args.storage or os.environ.get(ENV_STORAGE)
+    if not url:
+        raise SweepError("`sweeper proxy` needs the database URL: pass --storage "
+                         f"postgresql+psycopg2://USER:PASSWORD@HOST:5432/DB or set {ENV_STORAGE}")
+    shown = "localhost" if args.host in ("127.0.0.1", "localhost", "::1") else "THIS_HOST"
+    print(f"sweeper: storage proxy for {mask(url)} on {args.host}:{args.port} ({args.threads} threads; "
+          f"trials without a heartbeat for {args.grace:g}s are failed and retried); workers use "
+          f"--storage grpc://{shown}:{args.port}", file=sys.stderr, flush=True)
+    try:
+        proxy.serve(url, host=args.host, port=args.port, grace=args.grace, threads=args.threads)
+    except KeyboardInterrupt:
+        print("sweeper: storage proxy stopped", file=sys.stderr)
+    return 0
+
+
+def _add_deploy(sub: _Subparsers) -> None:
+    deploy = _command(sub, "deploy", None, "render a sweep's Kubernetes manifests",
+                      description="Render the Kubernetes manifests of one sweep (the study file in a "
+                                  "ConfigMap, a Job that creates the study, the workers as an Indexed "
+                                  "Job with one GPU each, the dashboard, PostgreSQL, and with --proxy the "
+                                  "storage proxy). docker/k8s/ holds them for studies/quickstart.py.",
+                      examples=["sweeper deploy k8s studies/bert_sst2.py --workers 16 --image registry.example/sweeper:0.1.0 --out k8s/",
+                                "sweeper deploy k8s studies/bert_sst2.py --workers 200 --proxy --out k8s/",
+                                "sweeper deploy k8s studies/quickstart.py --workers 4 | kubectl apply -f -"])
+    targets = deploy.add_subparsers(dest="target", metavar="TARGET", required=True)
+    # No --storage: the pods read the URL from a Kubernetes Secret (sweeper.deploy).
+    k8s = _command(targets, "k8s", cmd_deploy, "Kubernetes manifests", parents=[_STUDY],
+                   examples=["sweeper deploy k8s studies/bert_sst2.py --workers 16 --out k8s/"])
+    k8s.add_argument("--workers", type=int, required=True, metavar="N", help="worker pods, one GPU each")
+    k8s.add_argument("--workers-per-gpu", type=int, default=1, metavar="K", help="trials sharing each GPU (default 1)")
+    k8s.add_argument("--image", default=f"sweeper:{__version__}",
+                     help=f"the worker image, built from docker/Dockerfile (default sweeper:{__version__})")
+    k8s.add_argument("--n-trials", type=int, metavar="N", help="the budget, if not the study's n_trials")
+    k8s.add_argument("--proxy", action="store_true", help="workers reach the database through `sweeper proxy`")
+    k8s.add_argument("--external-db", action="store_true",
+                     help="no PostgreSQL manifests: the URL in the sweeper-storage Secret names your own")
+    k8s.add_argument("--grace", type=int, metavar="S",
+                     help="seconds without a heartbeat before a trial is failed and retried (default 120)")
+    k8s.add_argument("--out", metavar="DIR", help="write one file per part here (default: print one stream)")
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Render the Kubernetes manifests of one sweep."""
+    from sweeper import deploy
+
+    sweep = _load(args)
+    options = deploy.K8sOptions(
+        study_file=Path(args.study), sweep_name=sweep.name, workers=args.workers, image=args.image,
+        proxy=args.proxy, postgres=not args.external_db, overrides=args.set or [], n_trials=args.n_trials,
+        workers_per_gpu=args.workers_per_gpu, grace=args.grace,
+    )
+    files = deploy.render_k8s(options)
+    if args.out:
+        written = deploy.write(files, Path(args.out))
+        print(f"sweeper: wrote {len(written)} manifests for {sweep.name!r} ({args.workers} workers) to "
+              f"{args.out}; apply them with `kubectl apply -f {args.out}`", file=sys.stderr)
+    else:
+        print(deploy.as_stream(files), end="")
+    return 0
+
+
+def _add_env(sub: _Subparsers) -> None:
+    _command(sub, "env", cmd_env, "versions, GPUs and storage: what a bug report needs", examples=["sweeper env"])
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -247,98 +497,48 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_create(args: argparse.Namespace) -> int:
-    """Create the study (or resume it) and set its budget; start no worker."""
-    from sweeper import study
-    from sweeper.launcher import LaunchOptions, prepare_study
-    from sweeper.storage import mask
+def _add_work(sub: _Subparsers) -> None:
+    # Not listed in `sweeper --help` (no help=): the launcher starts it, with these flags.
+    parser = sub.add_parser("_work", parents=[_STUDY, _STORAGE])
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--gpu")
+    parser.add_argument("--join", action="store_true")
+    parser.add_argument("--heartbeat", type=int)
+    parser.add_argument("--grace", type=int)
+    parser.set_defaults(func=cmd_work)
 
+
+def cmd_work(args: argparse.Namespace) -> int:
+    """One worker process (started by the launcher)."""
+    from sweeper import worker
+    from sweeper.worker import WorkerInfo
+
+    _setup_logging(1, prefix=f"[worker {args.index}] ")
+    if os.environ.get("SWEEPER_THREADS"):
+        import torch
+
+        torch.set_num_threads(int(os.environ["SWEEPER_THREADS"]))
     sweep = _load(args)
-    study.check_model_fit(sweep, args.study)
     url = _url(args, sweep)
-    options = LaunchOptions(study_path=args.study, overrides=args.set or [], url=url, n_trials=args.n_trials,
-                            timeout=args.timeout, gpu_hours=args.gpu_hours)
-    prepare_study(sweep, options)
-    print(f"sweeper: study {sweep.name!r} is ready in {mask(url)} with a budget of "
-          f"{args.n_trials or sweep.n_trials} trials; workers join it with `sweeper worker {args.study}`")
-    return 0
+    info = WorkerInfo(index=args.index, device="cuda:0" if args.gpu is not None else "cpu",
+                      physical_gpu=args.gpu)
+    salt = socket.gethostname() if args.join else ""
+    return worker.run(sweep, url, info, host_salt=salt, heartbeat_interval=args.heartbeat,
+                      grace_period=args.grace)
 
 
-def cmd_proxy(args: argparse.Namespace) -> int:
-    """Serve one database to many workers over gRPC; fail and retry the trials of dead workers."""
-    from sweeper import proxy
-    from sweeper.storage import ENV_STORAGE, mask
+# --------------------------------------------------------------------------- the table
 
-    url = args.storage or os.environ.get(ENV_STORAGE)
-    if not url:
-        raise SweepError("`sweeper proxy` needs the database URL: pass --storage "
-                         f"postgresql+psycopg2://USER:PASSWORD@HOST:5432/DB or set {ENV_STORAGE}")
-    shown = "localhost" if args.host in ("127.0.0.1", "localhost", "::1") else "THIS_HOST"
-    print(f"sweeper: storage proxy for {mask(url)} on {args.host}:{args.port} ({args.threads} threads; "
-          f"trials without a heartbeat for {args.grace:g}s are failed and retried); workers use "
-          f"--storage grpc://{shown}:{args.port}", file=sys.stderr, flush=True)
-    try:
-        proxy.serve(url, host=args.host, port=args.port, grace=args.grace, threads=args.threads)
-    except KeyboardInterrupt:
-        print("sweeper: storage proxy stopped", file=sys.stderr)
-    return 0
-
-
-def cmd_deploy(args: argparse.Namespace) -> int:
-    """Render the Kubernetes manifests of one sweep."""
-    from sweeper import deploy
-
-    sweep = _load(args)
-    options = deploy.K8sOptions(
-        study_file=Path(args.study), sweep_name=sweep.name, workers=args.workers, image=args.image,
-        proxy=args.proxy, postgres=not args.external_db, overrides=args.set or [], n_trials=args.n_trials,
-        workers_per_gpu=args.workers_per_gpu, grace=args.grace,
-    )
-    files = deploy.render_k8s(options)
-    if args.out:
-        written = deploy.write(files, Path(args.out))
-        print(f"sweeper: wrote {len(written)} manifests for {sweep.name!r} ({args.workers} workers) to "
-              f"{args.out}; apply them with `kubectl apply -f {args.out}`", file=sys.stderr)
-    else:
-        print(deploy.as_stream(files), end="")
-    return 0
-
-
-# --------------------------------------------------------------------------- parser
-
-
-def _examples(*lines: str) -> str:
-    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
-
-
-def _add_study(p: argparse.ArgumentParser, storage: bool = True) -> None:
-    # nargs="?": a study path that a --set before it took in is found again in main().
-    p.add_argument("study", nargs="?", help="path of the study file, e.g. studies/quickstart.py")
-    p.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
-                   help="override study values, several after one --set or one --set each: epochs=1, "
-                        "model=PATH, data.max_length=64, space.learning_rate=1e-5..1e-3")
-    if storage:
-        p.add_argument("--storage", metavar="URL",
-                       help="storage URL (default: $SWEEPER_STORAGE, the study's, or SQLite in its output folder)")
-
-
-def _add_workers(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=int, help="worker processes on this machine (default: one per GPU, or 1 on CPU)")
-    p.add_argument("--workers-per-gpu", type=int, default=1, metavar="K", help="trials sharing each GPU (default 1)")
-    p.add_argument("--gpus", metavar="IDS", help="GPUs to use, e.g. 0,2 (default: every visible GPU)")
-    p.add_argument("--heartbeat", type=int, metavar="S", help="heartbeat interval in seconds (default 20)")
-    p.add_argument("--grace", type=int, metavar="S",
-                   help="seconds without a heartbeat before a trial is failed and retried (default 120)")
-    p.add_argument("--keep", type=int, metavar="K",
-                   help="keep the checkpoints of the best K trials, delete the rest as the sweep "
-                        "runs (default: the study's `keep`, 3 unless it says otherwise)")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+# In the order of `sweeper --help`.
+_COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
+    _add_validate, _add_launch, _add_worker, _add_status, _add_best, _add_dashboard, _add_report, _add_create,
+    _add_proxy, _add_deploy, _add_env, _add_work,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="sweeper", formatter_class=fmt,
+        prog="sweeper", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Hyperparameter sweeps for fine-tuning pretrained models, built on Optuna.",
         epilog=_examples("sweeper launch studies/quickstart.py --workers 2",
                          "sweeper status studies/quickstart.py",
@@ -346,166 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sweeper {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("validate", help="check a study file and sample its space once (no training)",
-                       formatter_class=fmt, description=cmd_validate.__doc__,
-                       epilog=_examples("sweeper validate studies/bert_sst2.py",
-                                        "sweeper validate studies/bert_sst2.py --set model=../shared/models/minilm-l6-h384"))
-    _add_study(p)
-    p.set_defaults(func=cmd_validate)
-
-    p = sub.add_parser("launch", help="create or resume a sweep and run its workers here",
-                       formatter_class=fmt,
-                       description="Create the study (or resume it), then run worker processes on this "
-                                   "machine until the budget is spent. Ctrl-C stops cleanly; launching "
-                                   "again resumes. Workers are forked from a template process that "
-                                   "imports PyTorch once (SWEEPER_WORKER_START=fresh: a new interpreter "
-                                   "each).",
-                       epilog=_examples("sweeper launch studies/quickstart.py --workers 2",
-                                        "sweeper launch studies/bert_sst2.py --workers 8 --workers-per-gpu 2",
-                                        "SWEEPER_STORAGE=postgresql+psycopg2://u:p@db/sweeps sweeper launch studies/bert_sst2.py"))
-    _add_study(p)
-    _add_workers(p)
-    p.add_argument("--n-trials", type=int, metavar="N", help="trials in all, across every worker and machine")
-    p.add_argument("--timeout", type=float, metavar="S", help="no new trial starts after S seconds")
-    p.add_argument("--gpu-hours", type=float, metavar="H", help="no new trial starts once H GPU-hours are spent")
-    p.set_defaults(func=cmd_launch)
-
-    p = sub.add_parser("worker", help="join a running sweep from this machine",
-                       formatter_class=fmt,
-                       description="Run workers for a study that `sweeper launch` created on a shared "
-                                   "storage; never creates the study or changes its budget. Workers start "
-                                   "as for `sweeper launch`.",
-                       epilog=_examples("SWEEPER_STORAGE=postgresql+psycopg2://u:p@db/sweeps sweeper worker studies/bert_sst2.py --workers 4"))
-    _add_study(p)
-    _add_workers(p)
-    p.set_defaults(func=cmd_worker)
-
-    p = sub.add_parser("status", help="trials by state, the best so far, what is running",
-                       formatter_class=fmt, epilog=_examples("sweeper status studies/quickstart.py",
-                                                             "sweeper status studies/quickstart.py --json"))
-    _add_study(p)
-    p.add_argument("--json", action="store_true", help="print JSON for scripts")
-    p.set_defaults(func=cmd_status)
-
-    p = sub.add_parser("best", help="write the best trial's checkpoint, params and metrics to a folder",
-                       formatter_class=fmt,
-                       description="Write the best trial's checkpoint (or trial N's) into a folder that "
-                                   "the model's own loader opens (from_pretrained for text models), with "
-                                   "params.json and metrics.json. Works while the sweep runs. Each file's "
-                                   "SHA-256 is checked against the one recorded when it was saved; a "
-                                   "corrupt or missing file is refused and nothing is written.",
-                       epilog=_examples("sweeper best studies/quickstart.py --out best/",
-                                        "sweeper best studies/bert_sst2.py --out best/ --evaluate",
-                                        "sweeper best studies/bert_sst2.py --out t7/ --trial 7"))
-    _add_study(p)
-    p.add_argument("--out", required=True, metavar="DIR", help="folder to write (created if missing)")
-    p.add_argument("--trial", type=int, metavar="N", help="this trial instead of the best")
-    p.add_argument("--evaluate", action="store_true", help="also score it on the held-out test split")
-    p.set_defaults(func=cmd_best)
-
-    p = sub.add_parser("dashboard", help="optuna-dashboard on the study's storage and checkpoints",
-                       formatter_class=fmt,
-                       description="Serve optuna-dashboard on the study's storage, with its artifact store "
-                                   "so that each trial's checkpoint files are listed beside it. The "
-                                   "dashboard has no login: it listens on 127.0.0.1 unless --host says "
-                                   "otherwise. Ctrl-C stops it.",
-                       epilog=_examples("sweeper dashboard studies/quickstart.py",
-                                        "sweeper dashboard studies/bert_sst2.py --port 8081",
-                                        "SWEEPER_STORAGE=postgresql+psycopg2://u:p@db/sweeps sweeper dashboard studies/bert_sst2.py --host 0.0.0.0"))
-    _add_study(p)
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes it, without a login)")
-    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0 picks a free one)")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv logs every request)")
-    p.set_defaults(func=cmd_dashboard)
-
-    p = sub.add_parser("report", help="write one self-contained HTML report of the sweep (opens offline)",
-                       formatter_class=fmt,
-                       description="Write one self-contained HTML file (plotly.js inlined: it opens "
-                                   "offline): optimisation history, importances, parallel coordinates, "
-                                   "pruning curves, the metric over λ and unfreeze depth, timings, "
-                                   "GPU-hours, and the best trial with its held-out test figure.",
-                       epilog=_examples("sweeper report studies/quickstart.py --out report.html",
-                                        "sweeper report studies/bert_sst2.py --storage postgresql+psycopg2://u:p@db/sweeps --out bert.html"))
-    _add_study(p)
-    p.add_argument("--out", metavar="FILE", help="HTML file to write (default: report.html in the study's output folder)")
-    p.set_defaults(func=cmd_report)
-
-    p = sub.add_parser("create", help="create a sweep's study and budget on its storage; start no worker",
-                       formatter_class=fmt,
-                       description="Create the study (or resume it) and set its budget, as `sweeper launch` "
-                                   "does, but start no worker: for Docker Compose and Kubernetes, where "
-                                   "the workers run elsewhere and join with `sweeper worker`.",
-                       epilog=_examples("SWEEPER_STORAGE=postgresql+psycopg2://u:p@db/sweeps sweeper create studies/bert_sst2.py",
-                                        "sweeper create studies/bert_sst2.py --storage grpc://proxy:13000 --n-trials 200"))
-    _add_study(p)
-    p.add_argument("--n-trials", type=int, metavar="N", help="trials in all, across every worker and machine")
-    p.add_argument("--timeout", type=float, metavar="S", help="no new trial starts after S seconds")
-    p.add_argument("--gpu-hours", type=float, metavar="H", help="no new trial starts once H GPU-hours are spent")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
-    p.set_defaults(func=cmd_create)
-
-    p = sub.add_parser("proxy", help="one gRPC storage proxy in front of the database, for many workers",
-                       formatter_class=fmt,
-                       description="Serve the database to workers over gRPC (Optuna's storage proxy), so "
-                                   "that PostgreSQL sees the proxy's few connections instead of a few per "
-                                   "worker. Workers use --storage grpc://HOST:PORT. Workers behind it have "
-                                   "no native heartbeat: the proxy fails and retries the trials whose "
-                                   "attribute heartbeat is older than --grace. It has no login: it listens "
-                                   "on 127.0.0.1 unless --host says otherwise.",
-                       epilog=_examples("sweeper proxy --storage postgresql+psycopg2://u:p@db/sweeps",
-                                        "SWEEPER_STORAGE=postgresql+psycopg2://u:p@db/sweeps sweeper proxy --host 0.0.0.0 --port 13000",
-                                        "SWEEPER_STORAGE=grpc://proxyhost:13000 sweeper worker studies/bert_sst2.py"))
-    p.add_argument("--storage", metavar="URL", help="the database URL (default: $SWEEPER_STORAGE)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for "
-                                                         "workers on other machines: there is no login)")
-    p.add_argument("--port", type=int, default=13000, help="port to listen on (default 13000)")
-    p.add_argument("--grace", type=float, default=120, metavar="S",
-                   help="seconds without a heartbeat before a trial is failed and retried (default 120; "
-                        "match the workers' --grace)")
-    p.add_argument("--threads", type=int, default=8, metavar="N",
-                   help="request threads (default 8); each busy one holds a database connection")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
-    p.set_defaults(func=cmd_proxy)
-
-    p = sub.add_parser("deploy", help="render a sweep's Kubernetes manifests", formatter_class=fmt,
-                       description="Render the Kubernetes manifests of one sweep (the study file in a "
-                                   "ConfigMap, a Job that creates the study, the workers as an Indexed "
-                                   "Job with one GPU each, the dashboard, PostgreSQL, and with --proxy the "
-                                   "storage proxy). docker/k8s/ holds them for studies/quickstart.py.",
-                       epilog=_examples("sweeper deploy k8s studies/bert_sst2.py --workers 16 --image registry.example/sweeper:0.1.0 --out k8s/",
-                                        "sweeper deploy k8s studies/bert_sst2.py --workers 200 --proxy --out k8s/",
-                                        "sweeper deploy k8s studies/quickstart.py --workers 4 | kubectl apply -f -"))
-    targets = p.add_subparsers(dest="target", metavar="TARGET", required=True)
-    k8s = targets.add_parser("k8s", help="Kubernetes manifests", formatter_class=fmt,
-                             epilog=_examples("sweeper deploy k8s studies/bert_sst2.py --workers 16 --out k8s/"))
-    _add_study(k8s, storage=False)
-    k8s.add_argument("--workers", type=int, required=True, metavar="N", help="worker pods, one GPU each")
-    k8s.add_argument("--workers-per-gpu", type=int, default=1, metavar="K", help="trials sharing each GPU (default 1)")
-    k8s.add_argument("--image", default=f"sweeper:{__version__}",
-                     help=f"the worker image, built from docker/Dockerfile (default sweeper:{__version__})")
-    k8s.add_argument("--n-trials", type=int, metavar="N", help="the budget, if not the study's n_trials")
-    k8s.add_argument("--proxy", action="store_true", help="workers reach the database through `sweeper proxy`")
-    k8s.add_argument("--external-db", action="store_true",
-                     help="no PostgreSQL manifests: the URL in the sweeper-storage Secret names your own")
-    k8s.add_argument("--grace", type=int, metavar="S",
-                     help="seconds without a heartbeat before a trial is failed and retried (default 120)")
-    k8s.add_argument("--out", metavar="DIR", help="write one file per part here (default: print one stream)")
-    k8s.set_defaults(func=cmd_deploy)
-
-    p = sub.add_parser("env", help="versions, GPUs and storage: what a bug report needs",
-                       formatter_class=fmt, epilog=_examples("sweeper env"))
-    p.set_defaults(func=cmd_env)
-
-    p = sub.add_parser("_work")  # one worker process; started by `launch` and `worker`
-    _add_study(p)
-    p.add_argument("--index", type=int, default=0)
-    p.add_argument("--gpu")
-    p.add_argument("--join", action="store_true")
-    p.add_argument("--heartbeat", type=int)
-    p.add_argument("--grace", type=int)
-    p.set_defaults(func=cmd_work)
+    for add in _COMMANDS:
+        add(sub)
     return parser
 
 

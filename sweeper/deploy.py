@@ -18,6 +18,9 @@ a Secret or ConfigMap that does not exist yet):
 - ``proxy.yaml`` (``--proxy``): ``sweeper proxy`` and its Service; workers then use
   ``grpc://sweeper-proxy:13000`` and the database sees a few connections, not hundreds.
 
+Each object is built as plain data by a function of its own and written by PyYAML; each file
+opens with a comment that explains it (PyYAML writes no comments: they are prepended as text).
+
 Secrets are never rendered: the database URL comes from the Secret ``sweeper-storage`` (key
 ``url``) and the PostgreSQL password from ``sweeper-postgres`` (key ``password``), both made
 with ``kubectl create secret`` (README, "Scaling out"); ``secret.yaml.example`` shows their
@@ -26,10 +29,12 @@ shape. The manifests name no namespace: ``kubectl -n NAME apply`` puts them anyw
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from sweeper import __version__
 from sweeper.errors import SweepError
@@ -42,6 +47,9 @@ STUDY_DIR = "/sweeper/study"  # where the study ConfigMap is mounted
 SWEEPS_DIR = "/sweeper/sweeps"  # the image's working folder holds sweeps/{name}: this volume
 UID = 1000  # the image's non-root user (docker/Dockerfile)
 STOP_GRACE_S = 150  # the launcher gives workers 120 s to hand their trials back on SIGTERM
+PART_OF = {"app.kubernetes.io/part-of": "sweeper"}  # the label of every object sweeper renders
+
+Object = dict[str, Any]  # one Kubernetes object, as `kubectl apply` reads it
 
 
 @dataclass
@@ -58,25 +66,18 @@ class K8sOptions:
     grace: int | None = None  # seconds without a heartbeat before a trial is retried (default 120)
 
 
+@dataclass(frozen=True)
+class Manifest:
+    """One file: the comment that explains it (plain text), then its objects, a document each."""
+
+    comment: str
+    objects: list[Object]
+
+
 def slug(name: str) -> str:
     """``name`` as a DNS label part: lowercase letters, digits and hyphens."""
     text = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     return text[:40].rstrip("-") or "sweep"
-
-
-def _q(value: object) -> str:
-    """A YAML scalar for ``value``: JSON strings are YAML, and quote whatever needs it."""
-    return json.dumps(str(value))
-
-
-def _list(items: list[str], indent: int) -> str:
-    pad = " " * indent
-    return "".join(f"\n{pad}- {_q(item)}" for item in items)
-
-
-def _block(text: str, indent: int) -> str:
-    pad = " " * indent
-    return "\n".join(pad + line if line.strip() else "" for line in text.splitlines())
 
 
 def check(options: K8sOptions) -> None:
@@ -95,352 +96,369 @@ def check(options: K8sOptions) -> None:
         raise SweepError("; ".join(problems))
 
 
-def render_k8s(options: K8sOptions) -> dict[str, str]:
-    """File name -> YAML text of every manifest of the sweep."""
-    check(options)
-    name = slug(options.sweep_name)
-    prefix = f"sweeper-{name}"
-    study_name = options.study_file.name
-    study_path = f"{STUDY_DIR}/{study_name}"
-    grace = options.grace or GRACE_PERIOD_S
-    sets = [arg for item in options.overrides for arg in ("--set", item)]
-    worker_args = ["worker", study_path, "--workers-per-gpu", str(options.workers_per_gpu), *sets]
-    if options.grace:
-        worker_args += ["--grace", str(options.grace)]
-    create_args = ["create", study_path, *sets]
+# --------------------------------------------------------------------------- shared parts
+
+
+def _prefix(options: K8sOptions) -> str:
+    """The start of the name of every object that belongs to this sweep alone."""
+    return f"sweeper-{slug(options.sweep_name)}"
+
+
+def _study_path(options: K8sOptions) -> str:
+    return f"{STUDY_DIR}/{options.study_file.name}"
+
+
+def _sets(options: K8sOptions) -> list[str]:
+    return [arg for item in options.overrides for arg in ("--set", item)]
+
+
+def _labels(options: K8sOptions) -> dict[str, str]:
+    return {**PART_OF, "sweeper/study": slug(options.sweep_name)}
+
+
+def _pod_labels(name: str) -> dict[str, str]:
+    """The labels of a Deployment's or StatefulSet's pods: its selector, and sweeper's."""
+    return {"app.kubernetes.io/name": name, **PART_OF}
+
+
+def _database_url() -> Object:
+    return {"name": "SWEEPER_STORAGE", "valueFrom": {"secretKeyRef": {"name": "sweeper-storage", "key": "url"}}}
+
+
+def _worker_url(options: K8sOptions) -> Object:
+    if options.proxy:
+        return {"name": "SWEEPER_STORAGE", "value": f"grpc://sweeper-proxy:{PROXY_PORT}"}
+    return _database_url()
+
+
+def _s3_credentials() -> list[Object]:
+    return [{"secretRef": {"name": "sweeper-s3", "optional": True}}]
+
+
+def _pod_security() -> Object:
+    return {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID}
+
+
+def _volumes(options: K8sOptions) -> list[Object]:
+    return [{"name": "study", "configMap": {"name": f"{_prefix(options)}-study"}},
+            {"name": "sweeps", "persistentVolumeClaim": {"claimName": "sweeper-sweeps"}}]
+
+
+def _mounts() -> list[Object]:
+    return [{"name": "study", "mountPath": STUDY_DIR, "readOnly": True},
+            {"name": "sweeps", "mountPath": SWEEPS_DIR}]
+
+
+def _service(name: str, labels: dict[str, str], selector: str, port_name: str, port: int) -> Object:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "labels": labels},
+            "spec": {"selector": {"app.kubernetes.io/name": selector},
+                     "ports": [{"name": port_name, "port": port, "targetPort": port}]}}
+
+
+# --------------------------------------------------------------------------- the objects
+
+
+def postgres_service() -> Object:
+    return _service("sweeper-postgres", dict(PART_OF), "sweeper-postgres", "postgres", 5432)
+
+
+def postgres_statefulset(options: K8sOptions) -> Object:
+    # Without the proxy each `sweeper worker` pod holds up to about 6 connections (its
+    # launcher's and its worker's pools); the proxy holds at most 6 for all of them.
+    max_connections = 100 if options.proxy else max(100, 8 * options.workers + 20)
+    container = {
+        "name": "postgres",
+        "image": "postgres:15",
+        "args": ["-c", f"max_connections={max_connections}"],
+        "env": [{"name": "POSTGRES_USER", "value": "sweeper"},
+                {"name": "POSTGRES_DB", "value": "sweeper"},
+                {"name": "POSTGRES_PASSWORD",
+                 "valueFrom": {"secretKeyRef": {"name": "sweeper-postgres", "key": "password"}}},
+                {"name": "PGDATA", "value": "/var/lib/postgresql/data/pgdata"}],
+        "ports": [{"name": "postgres", "containerPort": 5432}],
+        "readinessProbe": {"exec": {"command": ["pg_isready", "-U", "sweeper", "-d", "sweeper"]},
+                           "periodSeconds": 5},
+        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}},
+        "volumeMounts": [{"name": "data", "mountPath": "/var/lib/postgresql/data"}],
+    }
+    return {
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "sweeper-postgres", "labels": dict(PART_OF)},
+        "spec": {
+            "serviceName": "sweeper-postgres",
+            "replicas": 1,
+            "selector": {"matchLabels": {"app.kubernetes.io/name": "sweeper-postgres"}},
+            "template": {"metadata": {"labels": _pod_labels("sweeper-postgres")},
+                         "spec": {"containers": [container]}},
+            "volumeClaimTemplates": [{"metadata": {"name": "data"},
+                                      "spec": {"accessModes": ["ReadWriteOnce"],
+                                               "resources": {"requests": {"storage": "20Gi"}}}}],
+        },
+    }
+
+
+def sweeps_volume_claim() -> Object:
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "sweeper-sweeps", "labels": dict(PART_OF)},
+            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "100Gi"}}}}
+
+
+def study_config_map(options: K8sOptions) -> Object:
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": f"{_prefix(options)}-study", "labels": _labels(options)},
+            "data": {options.study_file.name: options.study_file.read_text()}}
+
+
+def create_job(options: K8sOptions) -> Object:
+    args = ["create", _study_path(options), *_sets(options)]
     if options.n_trials:
-        create_args += ["--n-trials", str(options.n_trials)]
-    dashboard_args = ["dashboard", study_path, "--host", "0.0.0.0", "--port", str(DASHBOARD_PORT), *sets]
-    labels = f"app.kubernetes.io/part-of: sweeper\n    sweeper/study: {_q(name)}"
-    database_url = ('- name: SWEEPER_STORAGE\n'
-                    '              valueFrom: {secretKeyRef: {name: sweeper-storage, key: url}}')
-    worker_url = (f'- name: SWEEPER_STORAGE\n'
-                  f'              value: "grpc://sweeper-proxy:{PROXY_PORT}"'
-                  if options.proxy else database_url)
-    pod_security = (f"securityContext: {{runAsNonRoot: true, runAsUser: {UID}, runAsGroup: {UID}, "
-                    f"fsGroup: {UID}}}")
-    volumes = (f"volumes:\n"
-               f"        - name: study\n"
-               f"          configMap: {{name: {prefix}-study}}\n"
-               f"        - name: sweeps\n"
-               f"          persistentVolumeClaim: {{claimName: sweeper-sweeps}}")
-    mounts = (f"volumeMounts:\n"
-              f"            - {{name: study, mountPath: {STUDY_DIR}, readOnly: true}}\n"
-              f"            - {{name: sweeps, mountPath: {SWEEPS_DIR}}}")
+        args += ["--n-trials", str(options.n_trials)]
+    container = {"name": "create", "image": options.image, "args": args, "env": [_database_url()],
+                 "envFrom": _s3_credentials(), "volumeMounts": _mounts()}
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": f"{_prefix(options)}-create", "labels": _labels(options)},
+        "spec": {
+            "backoffLimit": 10,
+            "template": {"metadata": {"labels": _labels(options)},
+                         "spec": {"restartPolicy": "OnFailure", "securityContext": _pod_security(),
+                                  "containers": [container], "volumes": _volumes(options)}},
+        },
+    }
+
+
+def workers_job(options: K8sOptions) -> Object:
+    study_path = _study_path(options)
+    wait = ('until sweeper status "$0" > /dev/null 2>&1; do '
+            f'echo "waiting for the study (Job {_prefix(options)}-create) and the storage"; sleep 10; done')
+    wait_for_study = {"name": "wait-for-study", "image": options.image, "command": ["sh", "-c", wait, study_path],
+                      "env": [_worker_url(options)], "volumeMounts": _mounts()}
+    args = ["worker", study_path, "--workers-per-gpu", str(options.workers_per_gpu), *_sets(options)]
+    if options.grace:
+        args += ["--grace", str(options.grace)]
+    worker = {
+        "name": "worker",
+        "image": options.image,
+        "args": args,
+        "env": [_worker_url(options)],
+        "envFrom": _s3_credentials(),
+        "resources": {"limits": {"nvidia.com/gpu": 1}, "requests": {"cpu": "4", "memory": "16Gi"}},
+        "volumeMounts": [*_mounts(), {"name": "shm", "mountPath": "/dev/shm"}],
+    }
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": f"{_prefix(options)}-workers", "labels": _labels(options)},
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": options.workers,
+            "parallelism": options.workers,
+            "backoffLimit": 3 * options.workers,
+            "podFailurePolicy": {"rules": [
+                {"action": "FailJob", "onExitCodes": {"containerName": "worker", "operator": "In", "values": [2]}},
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]},
+            "template": {
+                "metadata": {"labels": _labels(options)},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "terminationGracePeriodSeconds": STOP_GRACE_S,
+                    "securityContext": _pod_security(),
+                    "initContainers": [wait_for_study],
+                    "containers": [worker],
+                    "volumes": [*_volumes(options),
+                                {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}}],
+                },
+            },
+        },
+    }
+
+
+def dashboard_deployment(options: K8sOptions) -> Object:
+    name = f"{_prefix(options)}-dashboard"
+    args = ["dashboard", _study_path(options), "--host", "0.0.0.0", "--port", str(DASHBOARD_PORT), *_sets(options)]
+    container = {
+        "name": "dashboard",
+        "image": options.image,
+        "args": args,
+        "env": [_database_url()],
+        "envFrom": _s3_credentials(),
+        "ports": [{"name": "http", "containerPort": DASHBOARD_PORT}],
+        "readinessProbe": {"tcpSocket": {"port": DASHBOARD_PORT}, "periodSeconds": 10},
+        "volumeMounts": _mounts(),
+    }
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "labels": _labels(options)},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app.kubernetes.io/name": name}},
+            "template": {"metadata": {"labels": _pod_labels(name)},
+                         "spec": {"securityContext": _pod_security(), "containers": [container],
+                                  "volumes": _volumes(options)}},
+        },
+    }
+
+
+def dashboard_service(options: K8sOptions) -> Object:
+    name = f"{_prefix(options)}-dashboard"
+    return _service(name, _labels(options), name, "http", DASHBOARD_PORT)
+
+
+def proxy_deployment(options: K8sOptions) -> Object:
+    grace = options.grace or GRACE_PERIOD_S
+    container = {
+        "name": "proxy",
+        "image": options.image,
+        "args": ["proxy", "--host", "0.0.0.0", "--port", str(PROXY_PORT), "--grace", str(grace)],
+        "env": [_database_url()],
+        "ports": [{"name": "grpc", "containerPort": PROXY_PORT}],
+        "readinessProbe": {"tcpSocket": {"port": PROXY_PORT}, "periodSeconds": 5},
+        "resources": {"requests": {"cpu": "2", "memory": "2Gi"}},
+    }
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "sweeper-proxy", "labels": dict(PART_OF)},
+        "spec": {
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": {"app.kubernetes.io/name": "sweeper-proxy"}},
+            "template": {"metadata": {"labels": _pod_labels("sweeper-proxy")},
+                         "spec": {"securityContext": _pod_security(), "containers": [container]}},
+        },
+    }
+
+
+def proxy_service() -> Object:
+    return _service("sweeper-proxy", dict(PART_OF), "sweeper-proxy", "grpc", PROXY_PORT)
+
+
+class _Quoted(str):
+    """A string written in double quotes, whatever it holds: a ``${VARIABLE}`` that envsubst
+    fills in must stay a string (a password of digits alone would otherwise be a number)."""
+
+
+def storage_secrets() -> list[Object]:
+    """The two Secrets the manifests read, with ``${POSTGRES_PASSWORD}`` where a value goes."""
+    url = "postgresql+psycopg2://sweeper:${POSTGRES_PASSWORD}@sweeper-postgres:5432/sweeper"
+    return [{"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "sweeper-postgres"}, "type": "Opaque",
+             "stringData": {"password": _Quoted("${POSTGRES_PASSWORD}")}},
+            {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "sweeper-storage"}, "type": "Opaque",
+             "stringData": {"url": _Quoted(url)}}]
+
+
+# --------------------------------------------------------------------------- the files
+
+
+def manifests(options: K8sOptions) -> dict[str, Manifest]:
+    """File name -> the comment and the objects of every file of the sweep."""
+    check(options)
+    prefix = _prefix(options)
     command = " ".join(["sweeper deploy k8s", str(options.study_file), "--workers", str(options.workers),
                         *(["--proxy"] if options.proxy else []), *(["--external-db"] if not options.postgres else [])])
-    header = f"# Rendered by `{command}` (sweeper {__version__}): change the command, not this file.\n"
-    files: dict[str, str] = {}
-
+    rendered = f"Rendered by `{command}` (sweeper {__version__}): change the command, not this file.\n"
+    files: dict[str, Manifest] = {}
     if options.postgres:
-        # Without the proxy each `sweeper worker` pod holds up to about 6 connections (its
-        # launcher's and its worker's pools); the proxy holds at most 6 for all of them.
-        max_connections = 100 if options.proxy else max(100, 8 * options.workers + 20)
-        files["postgres.yaml"] = header + f"""\
-# PostgreSQL 15 for the sweep's storage. The password comes from the Secret sweeper-postgres;
-# the URL every sweeper pod uses comes from the Secret sweeper-storage (see secret.yaml.example).
-apiVersion: v1
-kind: Service
-metadata:
-  name: sweeper-postgres
-  labels:
-    app.kubernetes.io/part-of: sweeper
-spec:
-  selector: {{app.kubernetes.io/name: sweeper-postgres}}
-  ports:
-    - {{name: postgres, port: 5432, targetPort: 5432}}
----
-apiVersion: apps/v1
-kind: StatefulSet
-metadata:
-  name: sweeper-postgres
-  labels:
-    app.kubernetes.io/part-of: sweeper
-spec:
-  serviceName: sweeper-postgres
-  replicas: 1
-  selector:
-    matchLabels: {{app.kubernetes.io/name: sweeper-postgres}}
-  template:
-    metadata:
-      labels: {{app.kubernetes.io/name: sweeper-postgres, app.kubernetes.io/part-of: sweeper}}
-    spec:
-      containers:
-        - name: postgres
-          image: "postgres:15"
-          args: ["-c", "max_connections={max_connections}"]
-          env:
-            - {{name: POSTGRES_USER, value: sweeper}}
-            - {{name: POSTGRES_DB, value: sweeper}}
-            - name: POSTGRES_PASSWORD
-              valueFrom: {{secretKeyRef: {{name: sweeper-postgres, key: password}}}}
-            - {{name: PGDATA, value: /var/lib/postgresql/data/pgdata}}  # a subfolder: volumes may hold lost+found
-          ports:
-            - {{name: postgres, containerPort: 5432}}
-          readinessProbe:
-            exec: {{command: [pg_isready, -U, sweeper, -d, sweeper]}}
-            periodSeconds: 5
-          resources:
-            requests: {{cpu: "1", memory: 2Gi}}
-          volumeMounts:
-            - {{name: data, mountPath: /var/lib/postgresql/data}}
-  volumeClaimTemplates:
-    - metadata: {{name: data}}
-      spec:
-        accessModes: [ReadWriteOnce]
-        resources:
-          requests: {{storage: 20Gi}}
-"""
+        files["postgres.yaml"] = Manifest(rendered + """\
+PostgreSQL 15 for the sweep's storage. The password comes from the Secret sweeper-postgres;
+the URL every sweeper pod uses comes from the Secret sweeper-storage (see secret.yaml.example).
+PGDATA is a subfolder of the volume: volumes may hold lost+found.
+""", [postgres_service(), postgres_statefulset(options)])
 
-    files["sweeps.yaml"] = header + """\
-# Checkpoints, data caches and worker logs, shared by every sweeper pod on every node: it needs
-# a storage class with ReadWriteMany (NFS, CephFS, EFS, Filestore, ...). With checkpoints in S3
-# (the study's artifacts="s3://bucket/prefix", credentials in the optional Secret sweeper-s3),
-# it only holds caches and logs.
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata:
-  name: sweeper-sweeps
-  labels:
-    app.kubernetes.io/part-of: sweeper
-spec:
-  accessModes: [ReadWriteMany]
-  resources:
-    requests: {storage: 100Gi}
-"""
+    files["sweeps.yaml"] = Manifest(rendered + """\
+Checkpoints, data caches and worker logs, shared by every sweeper pod on every node: it needs
+a storage class with ReadWriteMany (NFS, CephFS, EFS, Filestore, ...). With checkpoints in S3
+(the study's artifacts="s3://bucket/prefix", credentials in the optional Secret sweeper-s3),
+it only holds caches and logs.
+""", [sweeps_volume_claim()])
 
-    files["study.yaml"] = header + f"""\
-# The study file, mounted at {study_path} in every sweeper pod.
-apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: {prefix}-study
-  labels:
-    {labels}
-data:
-  {study_name}: |
-{_block(options.study_file.read_text(), 4)}
-"""
+    files["study.yaml"] = Manifest(rendered + f"""\
+The study file, mounted at {_study_path(options)} in every sweeper pod.
+""", [study_config_map(options)])
 
-    files["create.yaml"] = header + f"""\
-# Creates the study and its budget once. The workers wait for it (their init container), so
-# that a single process sets the budget: tickets added by several at once would overshoot it.
-# Until PostgreSQL is up it fails with exit code 2 and is restarted with back-off.
-apiVersion: batch/v1
-kind: Job
-metadata:
-  name: {prefix}-create
-  labels:
-    {labels}
-spec:
-  backoffLimit: 10
-  template:
-    metadata:
-      labels:
-        {labels.replace(chr(10) + '    ', chr(10) + '        ')}
-    spec:
-      restartPolicy: OnFailure
-      {pod_security}
-      containers:
-        - name: create
-          image: {_q(options.image)}
-          args:{_list(create_args, 12)}
-          env:
-            {database_url}
-          envFrom:
-            - secretRef: {{name: sweeper-s3, optional: true}}
-          {mounts}
-      {volumes}
-"""
+    files["create.yaml"] = Manifest(rendered + """\
+Creates the study and its budget once. The workers wait for it (their init container), so
+that a single process sets the budget: tickets added by several at once would overshoot it.
+Until PostgreSQL is up it fails with exit code 2 and is restarted with back-off.
+""", [create_job(options)])
 
-    wait = ('until sweeper status "$0" > /dev/null 2>&1; do '
-            f'echo "waiting for the study (Job {prefix}-create) and the storage"; sleep 10; done')
-    files["workers.yaml"] = header + f"""\
-# The workers: an Indexed Job, one pod per index, one GPU per pod, {options.workers} at once.
-# Each pod runs `sweeper worker`, which claims trials of the shared budget until it is spent
-# and then exits 0, completing its index.
-#
-# Restarts. A trial whose pod dies is not lost: its heartbeat stops, and after the grace period
-# ({grace} s) any live worker{' or the proxy' if options.proxy else ''} fails it and queues a retry with the same parameters (it resumes
-# from its last checkpoint). So a pod need not come back to save its trial, only to keep the
-# worker count, and restartPolicy Never is enough: the Job replaces a failed pod. Never is also
-# what podFailurePolicy needs, which tells the two failures apart that the heartbeat cannot:
-# - a preempted or evicted pod (DisruptionTarget) handed its trial back on SIGTERM: Ignore,
-#   i.e. replace it without counting it against backoffLimit;
-# - exit code 2 is a bad study or configuration, the same for every pod: FailJob at once
-#   rather than crash-looping on every GPU (the init container has just reached the storage,
-#   so it is not an unreachable database).
-# Any other failure (a crash, an OOM kill) counts; backoffLimit allows 3 per worker.
-apiVersion: batch/v1
-kind: Job
-metadata:
-  name: {prefix}-workers
-  labels:
-    {labels}
-spec:
-  completionMode: Indexed
-  completions: {options.workers}
-  parallelism: {options.workers}
-  backoffLimit: {3 * options.workers}
-  podFailurePolicy:
-    rules:
-      - action: FailJob
-        onExitCodes: {{containerName: worker, operator: In, values: [2]}}
-      - action: Ignore
-        onPodConditions:
-          - {{type: DisruptionTarget}}
-  template:
-    metadata:
-      labels:
-        {labels.replace(chr(10) + '    ', chr(10) + '        ')}
-    spec:
-      restartPolicy: Never
-      terminationGracePeriodSeconds: {STOP_GRACE_S}  # time to checkpoint the trial and hand it back
-      {pod_security}
-      initContainers:
-        - name: wait-for-study
-          image: {_q(options.image)}
-          command:{_list(["sh", "-c", wait, study_path], 12)}
-          env:
-            {worker_url}
-          {mounts}
-      containers:
-        - name: worker
-          image: {_q(options.image)}
-          args:{_list(worker_args, 12)}
-          env:
-            {worker_url}
-          envFrom:
-            - secretRef: {{name: sweeper-s3, optional: true}}
-          resources:
-            limits: {{nvidia.com/gpu: 1}}
-            requests: {{cpu: "4", memory: 16Gi}}
-          {mounts}
-            - {{name: shm, mountPath: /dev/shm}}  # DataLoader workers share batches through it
-      {volumes}
-        - name: shm
-          emptyDir: {{medium: Memory, sizeLimit: 2Gi}}
-"""
+    files["workers.yaml"] = Manifest(rendered + f"""\
+The workers: an Indexed Job, one pod per index, one GPU per pod, {options.workers} at once.
+Each pod runs `sweeper worker`, which claims trials of the shared budget until it is spent
+and then exits 0, completing its index. Its terminationGracePeriodSeconds ({STOP_GRACE_S} s) is the
+time to checkpoint the trial and hand it back; DataLoader workers share batches through /dev/shm.
 
-    files["dashboard.yaml"] = header + f"""\
-# optuna-dashboard on the sweep. It has no login: the Service is ClusterIP only; reach it with
-#   kubectl port-forward service/{prefix}-dashboard {DASHBOARD_PORT}
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: {prefix}-dashboard
-  labels:
-    {labels}
-spec:
-  replicas: 1
-  selector:
-    matchLabels: {{app.kubernetes.io/name: {prefix}-dashboard}}
-  template:
-    metadata:
-      labels: {{app.kubernetes.io/name: {prefix}-dashboard, app.kubernetes.io/part-of: sweeper}}
-    spec:
-      {pod_security}
-      containers:
-        - name: dashboard
-          image: {_q(options.image)}
-          args:{_list(dashboard_args, 12)}
-          env:
-            {database_url}
-          envFrom:
-            - secretRef: {{name: sweeper-s3, optional: true}}
-          ports:
-            - {{name: http, containerPort: {DASHBOARD_PORT}}}
-          readinessProbe:
-            tcpSocket: {{port: {DASHBOARD_PORT}}}
-            periodSeconds: 10
-          {mounts}
-      {volumes}
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: {prefix}-dashboard
-  labels:
-    {labels}
-spec:
-  selector: {{app.kubernetes.io/name: {prefix}-dashboard}}
-  ports:
-    - {{name: http, port: {DASHBOARD_PORT}, targetPort: {DASHBOARD_PORT}}}
-"""
+Restarts. A trial whose pod dies is not lost: its heartbeat stops, and after the grace period
+({options.grace or GRACE_PERIOD_S} s) any live worker{' or the proxy' if options.proxy else ''} fails it and queues a retry with the same parameters (it resumes
+from its last checkpoint). So a pod need not come back to save its trial, only to keep the
+worker count, and restartPolicy Never is enough: the Job replaces a failed pod. Never is also
+what podFailurePolicy needs, which tells the two failures apart that the heartbeat cannot:
+- a preempted or evicted pod (DisruptionTarget) handed its trial back on SIGTERM: Ignore,
+  i.e. replace it without counting it against backoffLimit;
+- exit code 2 is a bad study or configuration, the same for every pod: FailJob at once
+  rather than crash-looping on every GPU (the init container has just reached the storage,
+  so it is not an unreachable database).
+Any other failure (a crash, an OOM kill) counts; backoffLimit allows 3 per worker.
+""", [workers_job(options)])
+
+    files["dashboard.yaml"] = Manifest(rendered + f"""\
+optuna-dashboard on the sweep. It has no login: the Service is ClusterIP only; reach it with
+  kubectl port-forward service/{prefix}-dashboard {DASHBOARD_PORT}
+""", [dashboard_deployment(options), dashboard_service(options)])
 
     if options.proxy:
-        proxy_args = ["proxy", "--host", "0.0.0.0", "--port", str(PROXY_PORT), "--grace", str(grace)]
-        files["proxy.yaml"] = header + f"""\
-# `sweeper proxy`: the workers' one way to the database. One replica (Recreate): it keeps no
-# state, and a restart costs the workers a pause (they retry their storage calls for up to
-# 5 minutes), not their trials. It also fails and retries the trials of dead workers, which
-# have no native heartbeat behind it. It has no login: the Service is ClusterIP only.
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: sweeper-proxy
-  labels:
-    app.kubernetes.io/part-of: sweeper
-spec:
-  replicas: 1
-  strategy: {{type: Recreate}}
-  selector:
-    matchLabels: {{app.kubernetes.io/name: sweeper-proxy}}
-  template:
-    metadata:
-      labels: {{app.kubernetes.io/name: sweeper-proxy, app.kubernetes.io/part-of: sweeper}}
-    spec:
-      {pod_security}
-      containers:
-        - name: proxy
-          image: {_q(options.image)}
-          args:{_list(proxy_args, 12)}
-          env:
-            {database_url}
-          ports:
-            - {{name: grpc, containerPort: {PROXY_PORT}}}
-          readinessProbe:
-            tcpSocket: {{port: {PROXY_PORT}}}
-            periodSeconds: 5
-          resources:
-            requests: {{cpu: "2", memory: 2Gi}}
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: sweeper-proxy
-  labels:
-    app.kubernetes.io/part-of: sweeper
-spec:
-  selector: {{app.kubernetes.io/name: sweeper-proxy}}
-  ports:
-    - {{name: grpc, port: {PROXY_PORT}, targetPort: {PROXY_PORT}}}
-"""
+        files["proxy.yaml"] = Manifest(rendered + """\
+`sweeper proxy`: the workers' one way to the database. One replica (Recreate): it keeps no
+state, and a restart costs the workers a pause (they retry their storage calls for up to
+5 minutes), not their trials. It also fails and retries the trials of dead workers, which
+have no native heartbeat behind it. It has no login: the Service is ClusterIP only.
+""", [proxy_deployment(options), proxy_service()])
 
-    files["secret.yaml.example"] = """\
-# The two Secrets the manifests read, never committed with values. Make them with
-#   export POSTGRES_PASSWORD=$(openssl rand -hex 24)   # letters and digits: it goes into a URL
-#   envsubst < secret.yaml.example | kubectl apply -f -
-# or with `kubectl create secret generic` (README, "Scaling out"). kubectl apply -f DIR skips
-# this file (its name does not end in .yaml). With your own database (--external-db), only
-# sweeper-storage is needed, with that database's URL.
-apiVersion: v1
-kind: Secret
-metadata:
-  name: sweeper-postgres
-type: Opaque
-stringData:
-  password: "${POSTGRES_PASSWORD}"
----
-apiVersion: v1
-kind: Secret
-metadata:
-  name: sweeper-storage
-type: Opaque
-stringData:
-  url: "postgresql+psycopg2://sweeper:${POSTGRES_PASSWORD}@sweeper-postgres:5432/sweeper"
-"""
+    files["secret.yaml.example"] = Manifest("""\
+The two Secrets the manifests read, never committed with values. Make them with
+  export POSTGRES_PASSWORD=$(openssl rand -hex 24)   # letters and digits: it goes into a URL
+  envsubst < secret.yaml.example | kubectl apply -f -
+or with `kubectl create secret generic` (README, "Scaling out"). kubectl apply -f DIR skips
+this file (its name does not end in .yaml). With your own database (--external-db), only
+sweeper-storage is needed, with that database's URL.
+""", storage_secrets())
     return files
+
+
+class _Dumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, writing YAML the way Kubernetes manifests are read: lists indented
+    under their key, multi-line text (the study file) as a literal block, no anchors."""
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        super().increase_indent(flow, False)
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _represent_text(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    # PyYAML falls back to quotes where a block cannot hold the text exactly (trailing spaces).
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None)
+
+
+def _represent_quoted(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style='"')
+
+
+_Dumper.add_representer(str, _represent_text)
+_Dumper.add_representer(_Quoted, _represent_quoted)
+
+
+def dump(manifest: Manifest) -> str:
+    """The text of one file: its comment, then its objects as a multi-document YAML stream."""
+    comment = "".join(f"# {line}".rstrip() + "\n" for line in manifest.comment.splitlines())
+    # width: a long value (the init container's shell loop) stays on one line.
+    return comment + yaml.dump_all(manifest.objects, Dumper=_Dumper, sort_keys=False, allow_unicode=True,
+                                   width=4096)
+
+
+def render_k8s(options: K8sOptions) -> dict[str, str]:
+    """File name -> YAML text of every manifest of the sweep."""
+    return {name: dump(manifest) for name, manifest in manifests(options).items()}
 
 
 def write(files: dict[str, str], folder: Path) -> list[Path]:

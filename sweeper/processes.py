@@ -30,6 +30,7 @@ import io
 import logging
 import multiprocessing
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -41,6 +42,9 @@ from sweeper.errors import SweepError
 
 logger = logging.getLogger(__name__)
 
+# What every worker process runs, `python -m sweeper ARGV`, whether forked or fresh. This module
+# names the program rather than importing it: the CLI is the layer above, which starts launchers.
+PROGRAM = "sweeper"
 ENV_START = "SWEEPER_WORKER_START"  # "template" (the default where the OS can fork) or "fresh"
 ENV_PRELOAD = "SWEEPER_PRELOAD"  # comma-separated modules the template imports besides the core
 START_MODES = ("template", "fresh")
@@ -70,7 +74,7 @@ class WorkerProcess(Protocol):
 
 def worker_command(argv: Sequence[str]) -> list[str]:
     """The command line of a fresh worker interpreter running ``sweeper ARGV``."""
-    return [sys.executable, "-m", "sweeper", *argv]
+    return [sys.executable, "-m", PROGRAM, *argv]
 
 
 class FreshStarter:
@@ -210,15 +214,14 @@ def _forked_main(argv: list[str], env: dict[str, str], log: str) -> None:
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(write_through=True)  # PYTHONUNBUFFERED, as the launcher sets it
-    sys.argv = ["sweeper", *argv]
+    sys.argv = [PROGRAM, *argv]
     if os.getcwd() not in sys.path:  # `python -m sweeper` puts the working folder first: so do we
         sys.path.insert(0, os.getcwd())
-    from sweeper.cli import main
-
     try:
-        code = main(argv)
+        # What `python -m sweeper` runs, on modules the template imported already: the command's
+        # exit code leaves as SystemExit, which multiprocessing makes the exit code of this process.
+        runpy.run_module(PROGRAM, run_name="__main__")
     finally:
         # multiprocessing ends a forked process with os._exit, which skips the exit handlers
         # (inductor's compile pool, logging) that a fresh interpreter's worker would run.
         atexit._run_exitfuncs()
-    sys.exit(code)

@@ -76,7 +76,10 @@ def test_bad_input_is_one_line_and_exit_code_2(args: list[str], message: str) ->
     assert "Traceback" not in result.stderr
 
 
-def test_every_command_has_help_with_examples() -> None:
-    for command in ("validate", "launch", "worker", "status", "best", "env"):
-        result = run_cli(command, "--help")
+def test_every_command_has_help_that_ends_with_examples() -> None:
+    for command in ("validate", "launch", "worker", "status", "best", "dashboard", "report", "create", "proxy",
+                    "deploy", "deploy k8s", "env"):
+        result = run_cli(*command.split(), "--help")
         assert result.returncode == 0 and "examples:" in result.stdout, command
+        examples = result.stdout.rsplit("examples:\n", 1)[1].splitlines()
+        assert examples and all(line.startswith("  ") and "sweeper " in line for line in examples), command

@@ -290,6 +290,33 @@ def test_docker_k8s_is_the_rendering_of_the_quickstart(monkeypatch: pytest.Monke
                                    "--workers 4 --out docker/k8s`")
 
 
+@pytest.mark.parametrize("changes", [{}, {"proxy": True},
+                                     {"postgres": False, "overrides": ["epochs=1", "data.path=a: b"],
+                                      "n_trials": 7, "grace": 300, "image": "registry.example/sweeper:1"}],
+                         ids=["direct", "proxy", "external-db"])
+def test_each_rendered_file_loads_back_as_the_objects_its_builders_returned(
+        changes: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    options = quickstart_options(**changes)
+    built = deploy.manifests(options)
+    rendered = deploy.render_k8s(options)
+    assert list(rendered) == list(built)
+    for name, manifest in built.items():
+        assert list(yaml.safe_load_all(rendered[name])) == manifest.objects, name
+        lines = rendered[name].splitlines()
+        comment = lines[:len(manifest.comment.splitlines())]
+        assert comment and all(line.startswith("#") for line in comment), name  # the comment opens the file
+        assert "&id" not in rendered[name] and "*id" not in rendered[name], name  # no YAML anchors
+
+
+def test_the_study_file_goes_into_its_config_map_to_the_last_character(tmp_path: Path) -> None:
+    study = tmp_path / "odd.py"
+    study.write_text('"""λ, a line of spaces, a tab and trailing blanks."""\n    \n\tx = 1  \nno newline at the end')
+    files = deploy.render_k8s(quickstart_options(study_file=study))
+    (config_map,) = yaml.safe_load_all(files["study.yaml"])
+    assert config_map["data"]["odd.py"] == study.read_text()
+
+
 @pytest.mark.parametrize("proxy", [False, True], ids=["direct", "proxy"])
 def test_every_manifest_is_a_valid_kubernetes_object(proxy: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)

@@ -3,9 +3,11 @@ way the template can go wrong costs import time, never a trial."""
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,9 +15,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from sweeper import processes
+from sweeper import __version__, processes
 from sweeper.errors import SweepError
-from tests.helpers import TINY_STUDY, run_cli, write_study
+from tests.helpers import ROOT, TINY_STUDY, run_cli, write_study
 from tests.test_launcher import _caught_mid_trial, _mid_training, _retry_of, _trials, _wait_for
 
 
@@ -131,3 +133,29 @@ def test_a_template_that_cannot_start_leaves_each_worker_to_a_new_interpreter(
         assert log.read_text().startswith("sweeper ")  # the worker's output went to its log
     [warning] = [r.getMessage() for r in caplog.records if "cannot start workers" in r.getMessage()]
     assert "No space left on device" in warning and "SWEEPER_WORKER_START=fresh" in warning
+
+
+def test_a_forked_worker_runs_what_python_m_sweeper_runs_into_its_log_with_its_exit_code(tmp_path: Path) -> None:
+    """The first code of a forked worker, in a process of its own here (it takes over the
+    process's session and output), as the template's child runs it."""
+    code = ("import os, sys; from sweeper import processes; "
+            "processes._forked_main(sys.argv[2:], dict(os.environ), sys.argv[1])")
+    for argv, exit_code, output in ((["--version"], 0, f"sweeper {__version__}"),
+                                    (["nope"], 2, "sweeper: error: argument COMMAND: invalid choice: 'nope'")):
+        log = tmp_path / f"{argv[0]}.log"
+        result = subprocess.run([sys.executable, "-c", code, str(log), *argv], cwd=ROOT, capture_output=True,
+                                text=True, timeout=60, check=False)
+        assert result.returncode == exit_code, log.read_text()
+        assert output in log.read_text() and result.stdout == result.stderr == ""
+
+
+def test_processes_names_the_command_it_starts_and_imports_nothing_above_it() -> None:
+    """The layers are acyclic: the CLI starts the launcher, the launcher starts workers through
+    this module, and a worker finds the command by its name (`python -m sweeper`), not an import."""
+    tree = ast.parse(Path(processes.__file__).read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {f"{node.module}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                 for alias in node.names}
+    above = ("sweeper.cli", "sweeper.__main__", "sweeper.launcher")
+    assert not [name for name in imported if name.startswith(above)], imported
+    assert processes.worker_command(["status"])[1:] == ["-m", processes.PROGRAM, "status"]

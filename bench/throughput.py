@@ -152,7 +152,7 @@ def main() -> None:
             contenders = {CONTENDERS[key][0]: CONTENDERS[key][1:] for key in chosen}
             # Not counted: the first trial on a device pays for its libraries' set-up, and the
             # first compiled one for the compiler.
-            def warm_up(**options: Any) -> float:
+            def warm_up(path: Path = path, **options: Any) -> float:  # bound now: called before the loop moves on
                 started = time.perf_counter()
                 sweeper_trial(path, train_rows[:256], eval_rows[:64], device, args.batch_size, workdir, **options)
                 return time.perf_counter() - started

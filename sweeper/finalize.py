@@ -57,7 +57,13 @@ def record_test(study: optuna.Study, trial_number: int, scores: dict[str, float]
 
 def finish(sweep: Sweep, url: str, say: Callable[[str], None] = logger.info) -> None:
     storage = open_storage(url, heartbeat_interval=None, grace_period=None, create_tables=False)
-    study = optuna.load_study(study_name=sweep.name, storage=storage)
+    try:
+        _finish(sweep, optuna.load_study(study_name=sweep.name, storage=storage), say)
+    finally:
+        storage.dispose()  # every way out gives the connections back
+
+
+def _finish(sweep: Sweep, study: optuna.Study, say: Callable[[str], None]) -> None:
     store = checkpoints.open_store(checkpoints.location_of(sweep, study), sweep.output_path)
     checkpoints.keep_top_k(study, store, sweep.keep)
     checkpoints.remove_stale_resumes(study, store)
@@ -76,7 +82,6 @@ def finish(sweep: Sweep, url: str, say: Callable[[str], None] = logger.info) -> 
         record_test(study, best.number, scores, sweep.metric)
     say(f"best trial {best.number}: validation {sweep.metric} {best.value:.4f}, "
         f"held-out test {sweep.metric} {scores[sweep.metric]:.4f}; params {_resolved_params(sweep, best)}")
-    storage.dispose()
 
 
 def _resolved_params(sweep: Sweep, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:

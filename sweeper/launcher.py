@@ -305,6 +305,7 @@ class Launcher:
                 grace_period=self.options.grace_period or storage_mod.GRACE_PERIOD_S,
                 stale_trial_callback=self._retry,
                 create_tables=False,
+                wait_for_server=True,  # prepare_study opened it: an outage is passing
             )
             self._reaper_study = optuna.load_study(study_name=self.sweep.name, storage=storage)
         return self._reaper_study

@@ -47,11 +47,31 @@ RETRY_MAX_DELAY_S = 10.0  # ... up to this
 
 # --------------------------------------------------------------------------- transient errors
 
-_TRANSIENT = ("server closed the connection", "terminating connection", "connection refused",
+# A server that is there, but cannot take this connection now.
+_BUSY = ("too many connections", "remaining connection slots are reserved", "the database system is starting up",
+         "the database system is shutting down", "the database system is in recovery mode")
+_TRANSIENT = _BUSY + ("server closed the connection", "terminating connection", "connection refused",
               "could not connect", "connection reset", "broken pipe", "ssl syscall",
               "database is locked", "connection timed out", "the database system is",
               "connection already closed", "cannot connect", "lost connection", "admin_shutdown",
               "no connection to the server", "timeout expired", "connection to server")
+
+
+def _chain(exc: BaseException) -> str:
+    text, seen = [], exc
+    for _ in range(5):
+        text.append(" ".join(str(seen).split()).lower())
+        if (nxt := seen.__cause__ or seen.__context__) is None:
+            break
+        seen = nxt
+    return " ".join(text)
+
+
+def is_busy(exc: BaseException) -> bool:
+    """True when the server is there but refuses a connection for now (at its connection
+    limit, starting up, shutting down): worth waiting for even when opening a storage."""
+    text = _chain(exc)
+    return any(s in text for s in _BUSY)
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -40,9 +40,6 @@ from sweeper import optuna_adapter
 from sweeper.errors import SweepError
 from sweeper.redact import mask
 
-# TEMPORARY for cli.py while it is restructured; removed in the same change.
-retrying = optuna_adapter.call_with_retries
-
 logger = logging.getLogger(__name__)
 
 ENV_STORAGE = "SWEEPER_STORAGE"
@@ -142,6 +139,7 @@ def open_storage(
     stale_trial_callback: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
     create_tables: bool = True,
     pool: tuple[int, int] | None = None,
+    wait_for_server: bool = False,
 ) -> optuna_adapter.RetryingStorage:
     """An Optuna storage for ``url``, or a :class:`SweepError` that says what is wrong.
 
@@ -149,13 +147,20 @@ def open_storage(
     (:class:`sweeper.optuna_adapter.RetryingStorage`); an RDB storage has Optuna's cache inside.
     Build it inside the process that uses it: pooled connections must not cross ``fork``.
     ``pool`` is (size, overflow) for a PostgreSQL engine, in place of a worker's small one.
+
+    A server that is there but busy (at its connection limit, starting or stopping) is waited
+    for. One that cannot be reached at all fails at once, since that is most often a wrong URL,
+    unless ``wait_for_server``: a worker the launcher starts passes it, since the launcher has
+    opened the same URL already, so that a worker restarted during an outage waits it out
+    instead of stopping the sweep.
     """
     if url.startswith("grpc://"):
         return optuna_adapter.wrap(_open_grpc(url))
     if not re.match(r"^[a-z][a-z0-9+]*://", url, re.I) and not url.startswith("sqlite"):
         raise SweepError(f"the storage URL {mask(url)!r} is not a URL: use sqlite:///PATH or "
                          "postgresql+psycopg2://USER:PASSWORD@HOST:5432/DB")
-    for attempt in range(SCHEMA_RACE_ATTEMPTS):
+    attempt, started = 0, time.monotonic()
+    while True:
         try:
             storage = optuna.storages.RDBStorage(
                 url,
@@ -171,8 +176,16 @@ def open_storage(
             # worker` on another host, `status`) race to create Optuna's tables and its
             # alembic stamp; the losers see "already exists". The winner's tables are there
             # a moment later: open again.
-            if attempt + 1 < SCHEMA_RACE_ATTEMPTS and _lost_schema_race(exc):
-                time.sleep(0.2 * (attempt + 1) * (1 + random.random()))  # jitter: losers apart
+            attempt += 1
+            if attempt < SCHEMA_RACE_ATTEMPTS and _lost_schema_race(exc):
+                time.sleep(0.2 * attempt * (1 + random.random()))  # jitter: losers apart
+                continue
+            waited = time.monotonic() - started
+            if waited < optuna_adapter.RETRY_DEADLINE_S and (
+                    optuna_adapter.is_busy(exc) or (wait_for_server and optuna_adapter.is_transient(exc))):
+                logger.warning("the storage %s is not available yet (%s); trying again",
+                               mask(url), mask(" ".join(str(exc).split()))[:160])
+                time.sleep(min(10.0, 0.5 * 2 ** min(attempt, 5)))
                 continue
             raise explain(exc, url) from None
     if is_sqlite(url):

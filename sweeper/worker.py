@@ -156,6 +156,7 @@ def run(
         grace_period=grace_period or storage_mod.GRACE_PERIOD_S,
         stale_trial_callback=retry,
         create_tables=False,
+        wait_for_server=True,  # the launcher that started this worker has opened it: an outage is passing
     )
     optuna_adapter.read_tickets_lightly(storage)  # every read of the study would reload the unclaimed tickets
     study = optuna.load_study(

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 import pytest
 
-from sweeper import checkpoints, dashboard, record
+from sweeper import dashboard, record
 from sweeper import study as study_mod
 from sweeper.errors import SweepError
 from sweeper.storage import open_storage

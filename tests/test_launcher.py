@@ -15,7 +15,7 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper import budget, checkpoints, record, storage
+from sweeper import budget, record, storage
 from sweeper.errors import SweepError
 from sweeper.launcher import LaunchOptions, plan_slots
 from tests.helpers import ROOT, TINY_STUDY, run_cli, write_study

@@ -23,7 +23,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from sweeper import budget, liveness, record, storage
+from sweeper import budget, record, storage
 from sweeper import proxy as proxy_module
 from sweeper.errors import SweepError
 from sweeper.worker import claim

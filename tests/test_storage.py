@@ -176,3 +176,54 @@ def test_a_locked_database_inside_optunas_own_error_is_a_lost_schema_race_too() 
         assert _lost_schema_race(wrapped)
     assert not _lost_schema_race(optuna.exceptions.StorageInternalError("disk I/O error"))
     assert not _lost_schema_race(sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("no such table: studies")))
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(120)
+def test_a_server_at_its_connection_limit_is_waited_for_not_taken_for_a_wrong_url(pg_url: str) -> None:
+    """Issue 17: "too many connections" while a worker started aborted the whole sweep."""
+    import threading
+    import uuid
+
+    role = f"sweeper_limited_{uuid.uuid4().hex[:8]}"
+    admin = sqlalchemy.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        # Opening nests two connections (Optuna's schema check): room for three, all taken.
+        conn.execute(sqlalchemy.text(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 3'))
+        conn.execute(sqlalchemy.text(f'GRANT ALL ON SCHEMA public TO "{role}"'))
+    limited = pg_url.replace("://postgres@", f"://{role}@")
+    holder = sqlalchemy.create_engine(limited, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        held = [holder.connect() for _ in range(3)]  # every connection the role may have
+        threading.Timer(2.0, lambda: [c.close() for c in held]).start()
+        started = time.monotonic()
+        opened = storage.open_storage(limited, heartbeat_interval=None, grace_period=None)
+        assert time.monotonic() - started >= 1.5, "it waited for a free connection"
+        optuna.create_study(study_name="waited", storage=opened)
+        opened.dispose()
+    finally:
+        holder.dispose()
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = :r"), {"r": role})
+            conn.execute(sqlalchemy.text(f'DROP OWNED BY "{role}"'))
+            conn.execute(sqlalchemy.text(f'DROP ROLE "{role}"'))
+        admin.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(120)
+def test_a_worker_opening_during_an_outage_waits_for_the_server(private_pg) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    private_pg.stop()
+    try:
+        with pytest.raises(SweepError, match="cannot reach the database"):  # a launch fails at once
+            storage.open_storage(private_pg.url(), heartbeat_interval=None, grace_period=None)
+        threading.Timer(2.0, private_pg.start).start()
+        opened = storage.open_storage(private_pg.url(), heartbeat_interval=None, grace_period=None,
+                                      wait_for_server=True)
+    finally:
+        time.sleep(0.1)
+    assert opened.get_all_studies() is not None
+    opened.dispose()

@@ -14,62 +14,67 @@ import dataclasses
 import difflib
 import hashlib
 import importlib.util
-import json
 import os
 import traceback
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sweeper import space as space_mod
 from sweeper.errors import ConfigError, SweepError
-from sweeper.finetune import losses, metrics
-from sweeper.finetune.data import DataSpec, ImageData, SyntheticText, TextData
+from sweeper.finetune import losses, metrics, rules
+from sweeper.finetune.data import DataSpec
 from sweeper.finetune.loop import HYPERPARAMETERS, Hyper
-from sweeper.finetune.models import (
-    RESNETS,
-    ImageClassifier,
-    ModelSpec,
-    TextClassifier,
-    TinyTextClassifier,
-)
+from sweeper.finetune.models import ModelSpec
+from sweeper.finetune.rules import Check, Flag, Kinds, OneOf, Range, about, setting
 
 PRUNERS = ("median", "hyperband", "successive_halving", "none")
 SAMPLERS = ("tpe", "random", "qmc")
+DIRECTIONS = ("maximize", "minimize")
 
 
 @dataclass
 class Sweep:
     """One sweep: the model, the data, the search space, and how the search runs."""
 
-    name: str  # the Optuna study name, unique within its storage
-    model: ModelSpec  # the pretrained model and its new head
-    data: DataSpec  # where examples come from; validation is carved from train
-    space: dict[str, Any]  # hyperparameter -> distribution or constant (see sweeper.space)
-    pretrain_loss: str = "none"  # L_pretrain: "l2sp", "distill", "mlm" or "none"
-    epochs: float = 3  # passes over the training split per trial, 0.1..100
-    evals_per_epoch: int = 1  # validation evaluations (pruning points) per epoch, 1..100
-    eval_every_steps: int | None = None  # or: evaluate every N steps (per-epoch is comparable across batch sizes)
-    metric: str = "accuracy"  # accuracy, f1, matthews or loss
-    direction: str = "maximize"  # "maximize" or "minimize"; must agree with the metric
-    n_trials: int = 64  # trials in all, across every worker and machine
-    timeout: float | None = None  # seconds of wall time for the whole sweep; None = no limit
-    gpu_hours: float | None = None  # GPU-hours the sweep may spend in all; None = no limit
-    pruner: str = "median"  # median, hyperband, successive_halving or none
-    sampler: str = "tpe"  # tpe, random or qmc
-    # Trials run before the sampler proposes any: dicts of searched values (a recipe known to
-    # work; the sampler draws what one leaves out) or "center", the middle of the space.
-    first_trials: tuple[Any, ...] = ()
-    seed: int = 0  # study seed: data split, and with the worker index, each worker's sampler
-    output_dir: str = "sweeps/{name}"  # checkpoints, caches and the default SQLite file
-    storage: str | None = None  # an RDB URL; None = SQLite in output_dir (or SWEEPER_STORAGE)
-    artifacts: str | None = None  # checkpoint store: a folder or s3://bucket/prefix; None = output_dir/artifacts
-    keep: int = 3  # checkpoints of the best k trials are kept, 1..1000
-    max_retries: int = 3  # times a trial cut off by a dead or preempted worker is retried
-    bf16: bool = True  # bf16 autocast on GPUs that support it
-    compile: bool = False  # the trainable blocks through torch.compile (finetune/compiled.py)
+    name: str = field(metadata=about("the Optuna study name, unique within its storage", Check(
+        lambda v: isinstance(v, str) and bool(v.strip()), "a name that is not blank", "give the study a name")))
+    model: ModelSpec = field(metadata=about("the pretrained model and its new head", Kinds(ModelSpec)))
+    data: DataSpec = field(metadata=about("where examples come from; validation is carved from train", Kinds(DataSpec)))
+    space: dict[str, Any] = field(metadata=about(
+        "hyperparameter -> distribution or constant (`sweeper/space.py`; the hyperparameters are listed below)"))
+    pretrain_loss: str = setting("none", "L_pretrain, the term that keeps the model near its pretrained weights",
+                                 OneOf(losses.PRETRAIN_LOSSES))
+    epochs: float = setting(3, "passes over the training split per trial", Range(0, 1000, above=True, unit="passes"))
+    evals_per_epoch: int = setting(1, "validation evaluations (pruning points) per epoch", Range(1, 1000, whole=True))
+    eval_every_steps: int | None = setting(
+        None, "or: evaluate every N steps (per-epoch is comparable across batch sizes)",
+        Range(1, whole=True, unit="steps", none="evals_per_epoch"))
+    metric: str = setting("accuracy", "the validation figure the sweep optimises", OneOf(tuple(metrics.METRICS)))
+    direction: str = setting("maximize", "must agree with the metric", OneOf(DIRECTIONS))
+    n_trials: int = setting(64, "trials in all, across every worker and machine", Range(1, whole=True))
+    timeout: float | None = setting(None, "wall time for the whole sweep",
+                                    Range(0, above=True, unit="seconds", none="no limit"))
+    gpu_hours: float | None = setting(None, "GPU time the sweep may spend in all",
+                                      Range(0, above=True, unit="GPU-hours", none="no limit"))
+    pruner: str = setting("median", "stops trials that trail others at the same evaluation", OneOf(PRUNERS))
+    sampler: str = setting("tpe", "proposes each trial's hyperparameters", OneOf(SAMPLERS))
+    first_trials: tuple[Any, ...] = setting(
+        (), "trials run before the sampler proposes any: dicts of searched values (a recipe known to work; the "
+        "sampler draws what one leaves out) or \"center\", the middle of the space")
+    seed: int = setting(0, "study seed: data split, and with the worker index, each worker's sampler",
+                        Range(whole=True))
+    output_dir: str = setting("sweeps/{name}", "checkpoints, caches and the default SQLite file")
+    storage: str | None = setting(None, "an RDB URL; None = SQLite in output_dir (or SWEEPER_STORAGE)")
+    artifacts: str | None = setting(
+        None, "checkpoint store: a folder or s3://bucket/prefix; None = output_dir/artifacts")
+    keep: int = setting(3, "checkpoints of the best k trials are kept", Range(1, whole=True))
+    max_retries: int = setting(3, "times a trial cut off by a dead or preempted worker is retried",
+                               Range(0, whole=True))
+    bf16: bool = setting(True, "bf16 autocast on GPUs that support it", Flag())
+    compile: bool = setting(False, "the trainable blocks through torch.compile (finetune/compiled.py)", Flag())
 
     # ------------------------------------------------------------------ derived values
 
@@ -88,10 +93,6 @@ class Sweep:
             return 0  # depends on the batch size; the pruner then uses "auto"
         return max(1, int(round(self.epochs * self.evals_per_epoch)))
 
-    def defaults(self) -> Hyper:
-        """The hyperparameters a trial uses for everything the space leaves out."""
-        return Hyper()
-
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration as JSON-friendly data (recorded on every trial)."""
         data = dataclasses.asdict(self)
@@ -100,25 +101,17 @@ class Sweep:
         data["space"] = {k: str(v) if space_mod.is_distribution(v) else v for k, v in self.space.items()}
         return data
 
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
-
     # ------------------------------------------------------------------ validation
 
     def problems(self) -> list[str]:
-        """Every problem of the configuration, without loading a model or data."""
-        p: list[str] = []
-        if not isinstance(self.name, str) or not self.name.strip():
-            p.append(f"`name` is {self.name!r}: give the study a name")
-        if not isinstance(self.model, (TextClassifier, TinyTextClassifier, ImageClassifier)):
-            p.append(f"`model` is {self.model!r}: use TextClassifier, ImageClassifier or TinyTextClassifier")
-        else:
+        """Every problem of the configuration, without loading a model or data: each setting
+        against its rule (``rules.setting`` above), then what relates settings to each other."""
+        p = rules.problems(self)
+        if isinstance(self.model, ModelSpec):
             p.extend(self.model.check())
-        if not isinstance(self.data, (TextData, SyntheticText, ImageData)):
-            p.append(f"`data` is {self.data!r}: use TextData, ImageData or SyntheticText")
-        else:
+        if isinstance(self.data, DataSpec):
             p.extend(self.data.check())
-            if getattr(self.model, "kind", None) and self.model.kind != self.data.kind:
+            if isinstance(self.model, ModelSpec) and self.model.kind != self.data.kind:
                 p.append(
                     f"the model is for {self.model.kind} but the data is {self.data.kind}: pair a "
                     "TextClassifier with TextData and an ImageClassifier with ImageData"
@@ -126,74 +119,31 @@ class Sweep:
         if not isinstance(self.space, dict):
             p.append(f"`space` is {type(self.space).__name__}: give a dict of name -> distribution")
         else:
-            p.extend(space_mod.check(self.space))
-            unknown = [k for k in self.space if k not in HYPERPARAMETERS]
-            for key in unknown:
-                p.append(f"`space.{key}` is not a hyperparameter sweeper trains with{_suggest(key, HYPERPARAMETERS)}: "
-                         f"use {', '.join(HYPERPARAMETERS)}")
-            if "learning_rate" not in self.space:
-                p.append("`space` has no `learning_rate`: search it (e.g. LogFloat(1e-6, 1e-3)) or fix it")
-            p.extend(space_mod.first_trial_params(self.space, self.first_trials)[1])
-            if _whole(self.n_trials) and isinstance(self.first_trials, (list, tuple)) \
-                    and len(self.first_trials) > self.n_trials:
-                p.append(f"`first_trials` has {len(self.first_trials)} entries but `n_trials` is "
-                         f"{self.n_trials}: raise n_trials or list fewer first trials")
-        if self.pretrain_loss not in losses.PRETRAIN_LOSSES:
-            p.append(f"`pretrain_loss` is {self.pretrain_loss!r}: use one of {', '.join(losses.PRETRAIN_LOSSES)}")
-        elif self.pretrain_loss == "mlm" and getattr(self.model, "kind", "") == "image":
+            p.extend(self._space_problems())
+        if self.pretrain_loss == "mlm" and getattr(self.model, "kind", "") == "image":
             p.append("`pretrain_loss` is 'mlm', which needs a text model with a masked-LM head: use distill or l2sp")
-        if not _number(self.epochs) or not 0 < self.epochs <= 1000:
-            p.append(f"`epochs` is {self.epochs!r}: use a number of passes, 0.1..100")
-        if not _whole(self.evals_per_epoch) or not 1 <= self.evals_per_epoch <= 1000:
-            p.append(f"`evals_per_epoch` is {self.evals_per_epoch!r}: use 1..100")
-        if self.eval_every_steps is not None and (not _whole(self.eval_every_steps) or self.eval_every_steps < 1):
-            p.append(f"`eval_every_steps` is {self.eval_every_steps!r}: use a positive step count or None")
-        if self.metric not in metrics.METRICS:
-            p.append(f"`metric` is {self.metric!r}: use one of {', '.join(metrics.METRICS)}")
-        elif self.direction in ("maximize", "minimize") and metrics.METRICS[self.metric] != self.direction:
+        better = metrics.METRICS.get(self.metric) if isinstance(self.metric, str) else None
+        if better and self.direction in DIRECTIONS and better != self.direction:
             p.append(f"`direction` is {self.direction!r}, but `{self.metric}` is better when it is "
-                     f"{'higher' if metrics.METRICS[self.metric] == 'maximize' else 'lower'}: use "
-                     f"direction={metrics.METRICS[self.metric]}")
-        if self.direction not in ("maximize", "minimize"):
-            p.append(f"`direction` is {self.direction!r}: use maximize or minimize")
-        if not _whole(self.n_trials) or self.n_trials < 1:
-            p.append(f"`n_trials` is {self.n_trials!r}: use a positive whole number")
-        for key in ("timeout", "gpu_hours"):
-            value = getattr(self, key)
-            if value is not None and (not _number(value) or value <= 0):
-                p.append(f"`{key}` is {value!r}: use a positive number, or None for no limit")
-        if self.pruner not in PRUNERS:
-            p.append(f"`pruner` is {self.pruner!r}: use one of {', '.join(PRUNERS)}")
-        if self.sampler not in SAMPLERS:
-            p.append(f"`sampler` is {self.sampler!r}: use one of {', '.join(SAMPLERS)}")
-        if not _whole(self.seed):
-            p.append(f"`seed` is {self.seed!r}: use a whole number")
-        if not _whole(self.keep) or self.keep < 1:
-            p.append(f"`keep` is {self.keep!r}: keep at least the best trial's checkpoint (1)")
-        if not _whole(self.max_retries) or self.max_retries < 0:
-            p.append(f"`max_retries` is {self.max_retries!r}: use 0 or more")
-        for flag in ("bf16", "compile"):
-            if not isinstance(getattr(self, flag), bool):
-                p.append(f"`{flag}` is {getattr(self, flag)!r}: use True or False")
-        if isinstance(self.space, dict):
-            constants = {k: v for k, v in self.space.items() if k in HYPERPARAMETERS and not space_mod.is_distribution(v)}
-            try:
-                hyper = Hyper(**constants)
-            except TypeError as exc:
-                p.append(str(exc))
-            else:
-                p.extend(f"`space.{x[1:]}" if x.startswith("`") else x for x in hyper.check())
+                     f"{'higher' if better == 'maximize' else 'lower'}: use direction={better}")
         return p
 
-    def validate(self, source: str) -> Sweep:
-        problems = self.problems()
-        if problems:
-            raise ConfigError(source, problems)
-        return self
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    def _space_problems(self) -> list[str]:
+        p = space_mod.check(self.space)
+        for key in self.space:
+            if key not in HYPERPARAMETERS:
+                p.append(f"`space.{key}` is not a hyperparameter sweeper trains with{_suggest(key, HYPERPARAMETERS)}: "
+                         f"use {', '.join(HYPERPARAMETERS)}")
+        if "learning_rate" not in self.space:
+            p.append("`space` has no `learning_rate`: search it (e.g. LogFloat(1e-6, 1e-3)) or fix it")
+        p.extend(space_mod.first_trial_params(self.space, self.first_trials)[1])
+        if _whole(self.n_trials) and isinstance(self.first_trials, (list, tuple)) \
+                and len(self.first_trials) > self.n_trials:
+            p.append(f"`first_trials` has {len(self.first_trials)} entries but `n_trials` is "
+                     f"{self.n_trials}: raise n_trials or list fewer first trials")
+        # The constants of the space against the rules of the hyperparameters they fix.
+        constants = {k: v for k, v in self.space.items() if k in HYPERPARAMETERS and not space_mod.is_distribution(v)}
+        return p + Hyper(**constants).check(prefix="space.")
 
 
 def _whole(value: Any) -> bool:
@@ -246,23 +196,6 @@ def _study_line(exc: BaseException, file: Path) -> str:
     return ""
 
 
-def _model_from_text(model: ModelSpec, text: str) -> ModelSpec:
-    """``--set model=X``: a folder or hub name for text models, an arch or weights for CNNs."""
-    if isinstance(model, ImageClassifier):
-        if text in RESNETS:
-            return dataclasses.replace(model, arch=text)
-        return dataclasses.replace(model, weights=text)
-    return TextClassifier(path=text)
-
-
-def apply_overrides(sweep: Sweep, overrides: typing.Iterable[str], source: str = "--set") -> Sweep:
-    """A copy of ``sweep`` with every ``key=value`` applied; all problems in one error."""
-    result, problems = _apply(sweep, overrides)
-    if problems:
-        raise ConfigError(f"{source} --set", problems)
-    return result
-
-
 class _BadKey(Exception):
     """An override names a setting that does not exist."""
 
@@ -284,13 +217,10 @@ def _apply(sweep: Sweep, overrides: typing.Iterable[str]) -> tuple[Sweep, list[s
 
 
 def _set(sweep: Sweep, key: str, text: str) -> Sweep:
-    if key == "model":
-        return dataclasses.replace(sweep, model=_model_from_text(sweep.model, text))
+    if key == "model":  # a folder or hub name for text models, an arch or weights for CNNs
+        return dataclasses.replace(sweep, model=sweep.model.with_path(text))
     if key == "data":
-        data = sweep.data
-        if isinstance(data, SyntheticText):
-            data = TextData(path=text)
-        return dataclasses.replace(sweep, data=dataclasses.replace(data, path=text))
+        return dataclasses.replace(sweep, data=sweep.data.with_path(text))
     head, _, rest = key.partition(".")
     if head == "space":
         if not rest:
@@ -363,13 +293,32 @@ def check_model_fit(sweep: Sweep, source: str) -> int:
         values = []
     else:
         values = [depth]
-    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= blocks]
-    if bad:
-        problems.append(f"The value of `space.unfreeze_depth` is {depth}, but the model has {blocks} "
-                        f"blocks: use 0..{blocks}")
+    rule = rules.Blocks()  # Hyper.unfreeze_depth's rule, now that the block count is known
+    outside = [m for v in values if (m := rule.problem("space.unfreeze_depth", v, blocks, shown=depth))]
+    problems.extend(outside[:1])  # one message for the distribution, not one per value
     if sweep.pretrain_loss == "mlm" and not sweep.model.has_lm_head(sweep.cache_dir):
         problems.append(f"`pretrain_loss` is 'mlm', but the model {sweep.model.path!r} has no masked-LM "
                         "head: use distill or l2sp, or a checkpoint saved with its MLM head")
     if problems:
         raise ConfigError(source, problems)
     return blocks
+
+
+# --------------------------------------------------------------------------- docs
+
+
+def settings_markdown() -> str:
+    """docs/settings.md, from the same declarations the checks read (a test compares them)."""
+    sections: list[tuple[str, str, type]] = [
+        ("Sweep", "The fields of `Sweep(...)` in a study file; `--set NAME=VALUE` overrides any of them.", Sweep),
+        ("Hyperparameters (`space`)",
+         "What `space` may search or fix, by name (see `sweeper/space.py`): `--set space.NAME=low..high` "
+         "searches, `--set space.NAME=VALUE` fixes. A fixed value is checked when the study loads, a "
+         "drawn one when its trial starts.", Hyper),
+    ]
+    for union, where in ((DataSpec, "data"), (ModelSpec, "model")):
+        for kind in typing.get_args(union):
+            doc = " ".join((kind.__doc__ or "").split("\n\n")[0].split())
+            sections.append((f"`{where}={kind.__name__}(...)`",
+                             f"{doc} `--set {where}.NAME=VALUE` overrides a setting.", kind))
+    return rules.markdown(sections)

@@ -6,6 +6,7 @@ import pytest
 
 from sweeper import study as study_mod
 from sweeper.errors import ConfigError, SweepError
+from sweeper.finetune.data import TextData
 from sweeper.finetune.models import TextClassifier
 from sweeper.space import LogFloat
 from tests.helpers import MINILM, ROOT, SST2, TINY_STUDY, write_study
@@ -117,3 +118,39 @@ def test_first_trials_from_the_command_line_are_checked_against_the_space(tmp_pa
     assert len(problems) == 2, problems
     assert "`first_trials[0]` sets `unfreeze_depth` to 9, outside `space.unfreeze_depth` = Int(0, 2)" in problems[0]
     assert "`first_trials` has 2 entries but `n_trials` is 1" in problems[1]
+
+
+def test_every_setting_is_checked_against_its_declared_rule(tmp_path: Path) -> None:
+    path = write_study(tmp_path, TINY_STUDY)
+    with pytest.raises(ConfigError) as caught:
+        study_mod.load(path, ["epochs=0", "evals_per_epoch=1000", "space.max_grad_norm=-1", "space.adam_beta2=1.0",
+                              "space.warmup_ratio=0.9", "data.max_length=4", "model.layers=13"])
+    assert caught.value.problems == [
+        "`epochs` is 0.0: use a number of passes above 0 and at most 1000",
+        "`model.layers` is 13: use 1..12",
+        "`data.max_length` is 4: use 8..4096 tokens",
+        "`space.max_grad_norm` is -1: use a number at least 0",
+        "`space.adam_beta2` is 1.0: use a number at least 0 and below 1",
+    ]  # evals_per_epoch=1000 and warmup_ratio=0.9 are allowed: the rules are what the checks enforce
+
+
+def test_docs_settings_md_is_what_the_declared_rules_generate() -> None:
+    generated = study_mod.settings_markdown()
+    assert (ROOT / "docs" / "settings.md").read_text() == generated, (
+        "docs/settings.md disagrees with the settings' declarations: rebuild it with the command at its top")
+    for line in ("| `epochs` | `3` | a number of passes above 0 and at most 1000 |",
+                 "| `adam_beta2` | `0.999` | a number at least 0 and below 1 |",
+                 "| `max_length` | `128` | 8..4096 tokens |"):
+        assert line in generated
+
+
+def test_each_kind_of_model_and_data_takes_the_shorthands_its_own_way(tmp_path: Path) -> None:
+    resnet = ROOT / "studies" / "resnet_cifar10.py"
+    sweep = study_mod.load(resnet, ["model=resnet50", f"data={tmp_path}"])
+    assert (sweep.model.arch, sweep.model.weights, sweep.data.path) == ("resnet50", "DEFAULT", str(tmp_path))
+    assert study_mod.load(resnet, ["model=/weights/r18.safetensors"]).model.weights == "/weights/r18.safetensors"
+    tiny = study_mod.load(write_study(tmp_path, TINY_STUDY), [f"data={SST2}"])
+    assert tiny.data == TextData(path=str(SST2))  # generated data gives way to a real data set
+    with pytest.raises(ConfigError, match="`model` is 'bert': use TextClassifier, TinyTextClassifier or ImageClassifier"):
+        study_mod.load(write_study(tmp_path, TINY_STUDY.replace("TinyTextClassifier(layers=2, hidden=32, heads=2)",
+                                                                "'bert'"), name="bad.py"))

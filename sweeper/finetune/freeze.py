@@ -33,15 +33,15 @@ from __future__ import annotations
 from torch import nn
 
 from sweeper.errors import SweepError
+from sweeper.finetune import rules
 from sweeper.finetune.models import ModelAdapter
 
 
 def check_depth(depth: int, num_blocks: int) -> None:
-    if isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth <= num_blocks:
-        raise SweepError(
-            f"The value of `unfreeze_depth` is {depth!r}, but the model has {num_blocks} blocks: "
-            f"use 0..{num_blocks}"
-        )
+    """A resolved depth (None, all blocks, has become ``num_blocks`` by now) the model has."""
+    problem = rules.Blocks(none=False).problem("unfreeze_depth", depth, num_blocks)
+    if problem:
+        raise SweepError(problem)
 
 
 def first_trainable_block(depth: int, num_blocks: int) -> int:

@@ -1,9 +1,9 @@
 """The training loop of one trial: read top to bottom.
 
 AdamW on the trainable parameters only (weight decay on weight matrices, not on biases and
-norms), linear warmup then linear decay, bf16 autocast on CUDA and fp32 on CPU, evaluation
-on the validation split at fixed points, deterministic seeds. Length-bucketed batches keep
-padding small (``data.training_batches``).
+norms), linear warmup then linear decay (:func:`learning_rate_factor`), bf16 autocast on
+CUDA and fp32 on CPU, evaluation on the validation split at fixed points, deterministic
+seeds. Length-bucketed batches keep padding small (``data.training_batches``).
 
 What keeps the accelerator busy (issue 7): the frozen bottom of a trial below full depth runs
 once per example, not once per epoch (``prefix.py``); the step never waits for the device
@@ -33,10 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from sweeper import record
 from sweeper.errors import SweepError
-from sweeper.finetune import compiled, freeze, losses, metrics, prefix
+from sweeper.finetune import compiled, freeze, losses, metrics, prefix, rules
 from sweeper.finetune.data import PreparedData, evaluation_batches, training_batches
 from sweeper.finetune.models import BlockCall, ModelAdapter
+from sweeper.finetune.rules import Blocks, Range, setting
 
 logger = logging.getLogger(__name__)
 
@@ -45,39 +47,23 @@ logger = logging.getLogger(__name__)
 class Hyper:
     """The training hyperparameters of one trial: what a study's ``space`` may search."""
 
-    learning_rate: float = 5e-5  # AdamW step size, about 1e-6..1e-2
-    weight_decay: float = 0.0  # decoupled weight decay on weight matrices, 0..0.3
-    unfreeze_depth: int | None = None  # top blocks that train, 0..blocks; None = all (full fine-tuning)
-    pretrain_loss_weight: float = 0.0  # λ in L = L_task + λ·L_pretrain, about 1e-4..10
-    warmup_ratio: float = 0.06  # share of the steps with a linear learning-rate warmup, 0..0.5
-    batch_size: int = 32  # examples per step, 1..4096
-    dropout: float | None = None  # hidden and attention dropout of a text model; None = its own
-    label_smoothing: float = 0.0  # of the task cross-entropy, 0..0.3
-    max_grad_norm: float = 1.0  # gradient clipping of the trainable parameters; 0 = none
-    adam_beta2: float = 0.999  # AdamW's second-moment decay, 0.9..0.9999
+    learning_rate: float = setting(5e-5, "AdamW step size; typically 1e-6..1e-2", Range(0, above=True))
+    weight_decay: float = setting(0.0, "decoupled weight decay on weight matrices; typically 0..0.3", Range(0))
+    unfreeze_depth: int | None = setting(None, "top blocks that train; None = all (full fine-tuning)", Blocks())
+    pretrain_loss_weight: float = setting(0.0, "λ in L = L_task + λ·L_pretrain; typically 1e-4..10", Range(0))
+    warmup_ratio: float = setting(0.06, "share of the steps with a linear learning-rate warmup; typically 0..0.5",
+                                  Range(0, 1, below=True))
+    batch_size: int = setting(32, "examples per step", Range(1, whole=True, unit="examples"))
+    dropout: float | None = setting(None, "hidden and attention dropout of a text model",
+                                    Range(0, 1, below=True, none="the model's own"))
+    label_smoothing: float = setting(0.0, "of the task cross-entropy; typically 0..0.3", Range(0, 1, below=True))
+    max_grad_norm: float = setting(1.0, "gradient clipping of the trainable parameters; 0 = none", Range(0))
+    adam_beta2: float = setting(0.999, "AdamW's second-moment decay; typically 0.9..0.9999", Range(0, 1, below=True))
 
-    def check(self, num_blocks: int | None = None) -> list[str]:
-        problems = []
-        if not self.learning_rate > 0:
-            problems.append(f"`learning_rate` is {self.learning_rate}: it must be positive")
-        if self.weight_decay < 0:
-            problems.append(f"`weight_decay` is {self.weight_decay}: it must be 0 or more")
-        if self.pretrain_loss_weight < 0:
-            problems.append(f"`pretrain_loss_weight` is {self.pretrain_loss_weight}: it must be 0 or more")
-        if not 0 <= self.warmup_ratio < 1:
-            problems.append(f"`warmup_ratio` is {self.warmup_ratio}: use 0..0.5")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            problems.append(f"`batch_size` is {self.batch_size!r}: use a whole number of examples, 1..4096")
-        if self.dropout is not None and not 0 <= self.dropout < 1:
-            problems.append(f"`dropout` is {self.dropout}: use 0..0.5")
-        if not 0 <= self.label_smoothing < 1:
-            problems.append(f"`label_smoothing` is {self.label_smoothing}: use 0..0.3")
-        if num_blocks is not None and self.unfreeze_depth is not None:
-            try:
-                freeze.check_depth(self.unfreeze_depth, num_blocks)
-            except SweepError as exc:
-                problems.append(str(exc))
-        return problems
+    def check(self, num_blocks: int | None = None, prefix: str = "") -> list[str]:
+        """Every value that breaks its rule; ``unfreeze_depth`` only where the model's
+        ``num_blocks`` is known. ``prefix`` is where the values sit (``"space."``)."""
+        return rules.problems(self, prefix, blocks=num_blocks)
 
 
 HYPERPARAMETERS = tuple(Hyper.__dataclass_fields__)
@@ -87,7 +73,7 @@ HYPERPARAMETERS = tuple(Hyper.__dataclass_fields__)
 class LoopSettings:
     epochs: float  # passes over the training split (fractions allowed: 0.5 = half an epoch)
     metric: str  # one of metrics.METRICS: the validation figure the sweep optimises
-    direction: str  # "maximize" or "minimize"
+    direction: str  # "maximize" or "minimize", as a study file says it (record.direction_of)
     device: torch.device
     seed: int  # the trial's seed: batch order, dropout, head initialisation
     pretrain_loss: str = "none"
@@ -205,6 +191,9 @@ def _train(
 ) -> LoopResult:
     hooks = hooks or Hooks()
     device = settings.device
+
+    # -------------------------------------------------------------------- the model
+    # What trains (the top `depth` blocks and the head), the loss terms, the caches.
     depth = adapter.num_blocks if hyper.unfreeze_depth is None else hyper.unfreeze_depth
     trainable = freeze.apply(adapter, depth)
     start = freeze.first_trainable_block(depth, adapter.num_blocks)
@@ -218,15 +207,17 @@ def _train(
     call = (compiled.block_call(adapter, settings.compile_backend, settings.compile_mode)
             if settings.compile else None)
 
+    # -------------------------------------------------------------------- steps, optimizer, schedule
     batches_per_epoch = math.ceil(len(data.train) / hyper.batch_size)
     total_steps = max(1, int(round(settings.epochs * batches_per_epoch)))
     evaluate_at = _evaluation_steps(total_steps, batches_per_epoch, settings)
     optimizer = _optimizer(adapter, trainable, hyper)
     warmup = int(hyper.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup))
+        optimizer, lambda s: learning_rate_factor(s, warmup, total_steps)
     )
 
+    # -------------------------------------------------------------------- resume
     state = TrainState(0, 0, {}, {}, {}, [], None, None, {}, None)
     names = {id(p): n for n, p in adapter.named_parameters()}
     if resume is not None:
@@ -244,17 +235,44 @@ def _train(
             state.best_evaluation, dict(state.best_metrics), state.best_model,
         )
 
-    better = (lambda a, b: a > b) if settings.direction == "maximize" else (lambda a, b: a < b)
+    direction = record.direction_of(settings.direction)
     step, samples, train_seconds, eval_seconds = state.step, 0, 0.0, 0.0
+
+    # -------------------------------------------------------------------- training
     last_log, last_pretrain = time.perf_counter(), None
     losses_seen = _LossWatch(hyper, max(1, settings.check_every_steps))
     lengths = data.train.lengths()
     segment = time.perf_counter()  # training time is taken between evaluation points
+
+    def evaluation_point() -> None:
+        """Score the validation split, keep the model if it is the best so far, and tell the
+        hooks (which may prune the trial here). The time it takes counts as evaluation."""
+        nonlocal train_seconds, eval_seconds, segment
+        _sync(device)
+        train_seconds += time.perf_counter() - segment
+        tick = time.perf_counter()
+        scores = evaluate(adapter, data.validation, device, settings.bf16, data.num_labels,
+                          hyper.batch_size, start=start, store=caches.prefix_validation)
+        freeze.set_train_mode(adapter, depth)
+        eval_seconds += time.perf_counter() - tick
+        hooks.timed(train_seconds, eval_seconds, samples)
+        value = scores[settings.metric]
+        state.evaluations += 1
+        state.history.append((state.evaluations, value))
+        improved = record.better(value, state.best_value, direction)  # a tie keeps the earlier evaluation
+        if improved:
+            state.best_value, state.best_evaluation = value, state.evaluations
+            state.best_metrics = scores
+            state.best_model = {names[id(p)]: p.detach().cpu().clone() for p in trainable}
+        hooks.evaluated(state.evaluations, value, scores, improved, snapshot)
+        segment = time.perf_counter()
+
     freeze.set_train_mode(adapter, depth)
     while step < total_steps:
         epoch, offset = divmod(step, batches_per_epoch)
         order = training_batches(lengths, hyper.batch_size, seed=settings.seed * 1_000_003 + epoch)
         for indices, ready in _batches(data.train, order[offset:], device, settings.prefetch):
+            # forward, backward, step
             _seed_step(device, settings.seed * 1_000_003 + step)  # dropout: the same on a resume
             if call is not None:
                 compiled.step_begins(settings.compile_mode)
@@ -278,29 +296,13 @@ def _train(
             samples += len(indices)
             if extra is not None:
                 last_pretrain = extra.detach()
+
+            # evaluation, preemption, progress
             evaluating = step in evaluate_at
             if evaluating or step % losses_seen.every == 0 or step >= total_steps:
                 losses_seen.check()  # before a diverged model is scored or saved
-
             if evaluating:
-                _sync(device)
-                train_seconds += time.perf_counter() - segment
-                tick = time.perf_counter()
-                scores = evaluate(adapter, data.validation, device, settings.bf16, data.num_labels,
-                                  hyper.batch_size, start=start, store=caches.prefix_validation)
-                freeze.set_train_mode(adapter, depth)
-                eval_seconds += time.perf_counter() - tick
-                hooks.timed(train_seconds, eval_seconds, samples)
-                value = scores[settings.metric]
-                state.evaluations += 1
-                state.history.append((state.evaluations, value))
-                improved = state.best_value is None or better(value, state.best_value)
-                if improved:
-                    state.best_value, state.best_evaluation = value, state.evaluations
-                    state.best_metrics = scores
-                    state.best_model = {names[id(p)]: p.detach().cpu().clone() for p in trainable}
-                hooks.evaluated(state.evaluations, value, scores, improved, snapshot)
-                segment = time.perf_counter()
+                evaluation_point()
             if hooks.should_stop():
                 losses_seen.check()  # a diverged model is not handed back for a retry
                 hooks.stopped(snapshot())
@@ -314,6 +316,7 @@ def _train(
             if step >= total_steps:
                 break
 
+    # -------------------------------------------------------------------- result
     assert state.best_value is not None and state.best_model is not None
     return LoopResult(
         best_value=state.best_value, best_evaluation=state.best_evaluation or 0,
@@ -322,6 +325,24 @@ def _train(
         resumed_from_step=resumed_from,
         pretrain_loss_last=float(last_pretrain) if last_pretrain is not None else None,
     )
+
+
+def learning_rate_factor(step: int, warmup: int, total: int) -> float:
+    """The learning rate of optimizer step ``step`` (counted from 0) as a share of
+    ``learning_rate``, for a trial of ``total`` steps whose first ``warmup`` steps warm up:
+
+    1. warmup, steps 0..warmup-1: a linear rise, (step + 1) / (warmup + 1), so that the first
+       step already moves the weights;
+    2. decay, steps warmup..total-1: a linear fall from 1 towards 0, which it reaches at
+       step ``total``, one past the last.
+
+    transformers' ``get_linear_schedule_with_warmup`` has the same decay, but its warmup gives
+    step s the share s / warmup: its first step has a learning rate of 0 and does nothing. It
+    is not the same schedule, so sweeper keeps its own (a test compares the two).
+    """
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return max(0.0, (total - step) / max(1, total - warmup))
 
 
 def forward_pass(

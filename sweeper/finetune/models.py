@@ -21,6 +21,7 @@ BERT built on the spot, for the quickstart and tests).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,12 +29,14 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
+from filelock import FileLock
 from torch import nn
 
 from sweeper.errors import SweepError
+from sweeper.finetune import rules
 
 logger = logging.getLogger(__name__)
 
@@ -254,17 +257,62 @@ class ResNetAdapter(ModelAdapter):
 
 # --------------------------------------------------------------------------- specs
 
+# Residual blocks per torchvision ResNet: the sum of its four stages' block counts.
+RESNET_BLOCKS = {"resnet18": 8, "resnet34": 16, "resnet50": 16, "resnet101": 33, "resnet152": 50}
+RESNETS = tuple(RESNET_BLOCKS)
 
-@dataclass
-class TextClassifier:
-    """A BERT-family encoder from the Hugging Face hub or a local folder, with a new head."""
 
-    path: str = "bert-base-uncased"  # a hub name or a local model folder (config.json, weights)
+class BaseModelSpec:
+    """What a study's ``model`` answers; each kind of model is one subclass (and one member
+    of :data:`ModelSpec`), and nothing outside it asks which kind it is.
 
-    kind = "text"
+    Its settings are dataclass fields declared with :func:`rules.setting`, which
+    :meth:`check` reads.
+    """
+
+    kind: ClassVar[str]  # "text" or "image": the kind of data it pairs with
+
+    @property
+    def path(self) -> str:
+        """What the model is loaded from, as messages and the CLI show it."""
+        raise NotImplementedError
 
     def check(self) -> list[str]:
-        return []
+        """Every problem of the settings, without loading anything."""
+        return rules.problems(self, prefix="model.")
+
+    def identity(self) -> str:
+        """A name for cache keys that changes when the model does."""
+        return self.path
+
+    def num_blocks(self, cache_dir: Path) -> int:
+        """Blocks of the model, without loading its weights."""
+        raise NotImplementedError
+
+    def tokenizer(self, cache_dir: Path) -> Any:
+        """The tokenizer its data is prepared with; None for a model that reads no text."""
+        return None
+
+    def build(self, num_labels: int, cache_dir: Path, dropout: float | None = None) -> ModelAdapter:
+        """The pretrained model with a new head of ``num_labels``, as an adapter."""
+        raise NotImplementedError
+
+    def has_lm_head(self, cache_dir: Path) -> bool:
+        """Whether the checkpoint has the masked-LM head ``pretrain_loss='mlm'`` needs."""
+        return False
+
+    def with_path(self, text: str) -> ModelSpec:
+        """The model ``--set model=TEXT`` names instead of this one."""
+        raise NotImplementedError
+
+
+@dataclass
+class TextClassifier(BaseModelSpec):
+    """A BERT-family encoder from the Hugging Face hub or a local folder, with a new head."""
+
+    path: str = rules.setting("bert-base-uncased", "a hub name or a local model folder (config.json, weights)")
+
+    kind = "text"
 
     def identity(self) -> str:
         return _folder_identity(self.path)
@@ -310,27 +358,30 @@ class TextClassifier:
     def has_lm_head(self, cache_dir: Path) -> bool:
         return _checkpoint_has_lm_head(self.path)
 
+    def with_path(self, text: str) -> ModelSpec:
+        return TextClassifier(path=text)
+
 
 @dataclass
-class TinyTextClassifier:
+class TinyTextClassifier(BaseModelSpec):
     """A small random BERT (with a masked-LM head) built on the spot and saved once.
 
     It stands in for a pretrained encoder where nothing may be downloaded: the quickstart,
     tests and CPU benchmarks. Its vocabulary is that of :class:`~sweeper.finetune.data.SyntheticText`.
     """
 
-    layers: int = 2  # transformer blocks, 1..12
-    hidden: int = 64  # width, a multiple of heads
-    heads: int = 2  # attention heads
-    seed: int = 0  # weight initialisation: the same seed gives the same "pretrained" model
+    layers: int = rules.setting(2, "transformer blocks", rules.Range(1, 12, whole=True))
+    hidden: int = rules.setting(64, "width, a multiple of heads", rules.Range(1, whole=True))
+    heads: int = rules.setting(2, "attention heads", rules.Range(1, whole=True))
+    seed: int = rules.setting(0, "weight initialisation: the same seed gives the same \"pretrained\" model",
+                              rules.Range(whole=True))
 
     kind = "text"
 
     def check(self) -> list[str]:
-        problems = []
-        if not 1 <= self.layers <= 12:
-            problems.append(f"`model.layers` is {self.layers}: use 1..12")
-        if self.heads < 1 or self.hidden % self.heads:
+        problems = super().check()
+        sizes = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (self.hidden, self.heads))
+        if sizes and self.hidden % self.heads:
             problems.append(
                 f"`model.hidden` is {self.hidden} and `model.heads` {self.heads}: the width must "
                 "be a multiple of the head count"
@@ -341,16 +392,14 @@ class TinyTextClassifier:
     def path(self) -> str:
         return f"tiny-bert-l{self.layers}-h{self.hidden}-a{self.heads}-s{self.seed}"
 
-    def identity(self) -> str:
-        return self.path
-
     def materialise(self, cache_dir: Path) -> Path:
         """Write the model folder into ``cache_dir`` (once; later calls reuse it)."""
-        from sweeper.finetune.data import _file_lock, synthetic_vocabulary
+        from sweeper.finetune.data import synthetic_vocabulary
 
         folder = Path(cache_dir) / self.path
         folder.parent.mkdir(parents=True, exist_ok=True)
-        with _file_lock(folder.with_suffix(".lock")):
+        # Released by the kernel if its holder dies, as data.prepare's lock is.
+        with FileLock(folder.with_suffix(".lock")):
             if not (folder / "config.json").exists():
                 from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast  # type: ignore[attr-defined]
 
@@ -389,47 +438,43 @@ class TinyTextClassifier:
     def has_lm_head(self, cache_dir: Path) -> bool:
         return True
 
+    def with_path(self, text: str) -> ModelSpec:
+        """A folder or hub name: the pretrained text model it holds."""
+        return TextClassifier(path=text)
+
 
 @dataclass
-class ImageClassifier:
+class ImageClassifier(BaseModelSpec):
     """A torchvision ResNet with a new final layer."""
 
-    arch: str = "resnet18"  # resnet18, resnet34, resnet50, resnet101, resnet152
-    weights: str = "DEFAULT"  # torchvision weights name, a local .safetensors file, or "none"
+    arch: str = rules.setting("resnet18", "the torchvision ResNet", rules.OneOf(RESNETS))
+    weights: str = rules.setting("DEFAULT", "torchvision weights name, a local .safetensors file, or \"none\"")
 
     kind = "image"
-
-    def check(self) -> list[str]:
-        if self.arch not in RESNETS:
-            return [f"`model.arch` is {self.arch!r}: use one of {', '.join(RESNETS)}"]
-        return []
 
     @property
     def path(self) -> str:
         return f"{self.arch}:{self.weights}"
 
-    def identity(self) -> str:
-        return self.path
-
     def num_blocks(self, cache_dir: Path) -> int:
         return RESNET_BLOCKS[self.arch]
-
-    def tokenizer(self, cache_dir: Path) -> Any:
-        return None
 
     def build(self, num_labels: int, cache_dir: Path, dropout: float | None = None) -> ResNetAdapter:
         model = _load_resnet(self.arch, self.weights)
         model.fc = nn.Linear(model.fc.in_features, num_labels)
         return ResNetAdapter(model, self.arch)
 
-    def has_lm_head(self, cache_dir: Path) -> bool:
-        return False
+    def with_path(self, text: str) -> ModelSpec:
+        """An architecture name picks the architecture; anything else, the weights."""
+        if text in RESNETS:
+            return dataclasses.replace(self, arch=text)
+        return dataclasses.replace(self, weights=text)
 
 
+# The type of a study's `model` (and the kinds its check accepts): a new kind of model is a
+# BaseModelSpec subclass listed here. Only its text members have `pretrained_lm_head`, which
+# the `mlm` term needs and the study check refuses for any other.
 ModelSpec = TextClassifier | TinyTextClassifier | ImageClassifier
-# Residual blocks per torchvision ResNet: the sum of its four stages' block counts.
-RESNET_BLOCKS = {"resnet18": 8, "resnet34": 16, "resnet50": 16, "resnet101": 33, "resnet152": 50}
-RESNETS = tuple(RESNET_BLOCKS)
 
 
 # --------------------------------------------------------------------------- loading

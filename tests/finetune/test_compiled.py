@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sweeper.finetune import compiled
-from sweeper.finetune.data import SyntheticText, prepare, training_batches
+from sweeper.finetune.data import prepare, training_batches
 from sweeper.finetune.loop import Hyper, LoopSettings, train
 from sweeper.finetune.models import TinyTextClassifier
 
@@ -25,9 +25,8 @@ SPEC = TinyTextClassifier(layers=2, hidden=32, heads=2)
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):  # type: ignore[no-untyped-def]
-    folder = tmp_path_factory.mktemp("compiledata")
-    return prepare(SyntheticText(n_train=400, n_test=100), folder, 0, SPEC.tokenizer(folder), SPEC.identity())
+def data(synthetic_data):  # type: ignore[no-untyped-def]
+    return synthetic_data(400, 100)
 
 
 def _settings(**kw) -> LoopSettings:  # type: ignore[no-untyped-def]
@@ -36,15 +35,15 @@ def _settings(**kw) -> LoopSettings:  # type: ignore[no-untyped-def]
     return LoopSettings(**{**base, **kw})
 
 
-def _model(model_cache: Path):  # type: ignore[no-untyped-def]
-    torch.manual_seed(0)
-    return SPEC.build(2, model_cache, dropout=0.0)  # dropout's draws are the compiler's own
+@pytest.fixture
+def model(tiny_model):  # type: ignore[no-untyped-def]
+    return lambda: tiny_model(SPEC, dropout=0.0)  # dropout's draws are the compiler's own
 
 
 @pytest.mark.parametrize("depth", [None, 1])  # full fine-tuning; the top block over the cached prefix
-def test_a_compiled_trial_trains_like_an_eager_one(data, model_cache: Path, depth: int | None) -> None:  # type: ignore[no-untyped-def]
+def test_a_compiled_trial_trains_like_an_eager_one(data, model, depth: int | None) -> None:  # type: ignore[no-untyped-def]
     hyper = Hyper(learning_rate=2e-3, batch_size=16, unfreeze_depth=depth, pretrain_loss_weight=0.5)
-    eager_model, compiled_model = _model(model_cache), _model(model_cache)
+    eager_model, compiled_model = model(), model()
     eager = train(eager_model, data, hyper, _settings())
     graphs = compiled.compiled_graphs()
     fast = train(compiled_model, data, hyper, _settings(compile=True, compile_backend="aot_eager"))
@@ -56,20 +55,20 @@ def test_a_compiled_trial_trains_like_an_eager_one(data, model_cache: Path, dept
     assert fast.steps == eager.steps
 
 
-def test_one_graph_serves_every_batch_shape_and_every_trial(data, model_cache: Path) -> None:  # type: ignore[no-untyped-def]
+def test_one_graph_serves_every_batch_shape_and_every_trial(data, model) -> None:  # type: ignore[no-untyped-def]
     shapes = {(len(b), int(data.train.lengths()[b].max())) for b in training_batches(data.train.lengths(), 16, seed=0)}
     assert len(shapes) >= 5  # length buckets and the short last batch: many shapes
     before = compiled.compiled_graphs()
     for seed in (11, 12):  # a second trial in the same process compiles nothing
-        train(_model(model_cache), data, Hyper(learning_rate=1e-3, batch_size=16),
+        train(model(), data, Hyper(learning_rate=1e-3, batch_size=16),
               _settings(seed=seed, compile=True, compile_backend="aot_eager", evals_per_epoch=1))
     assert compiled.compiled_graphs() - before <= 1  # none if the first test's graph is still there
 
 
-def test_every_dropout_rate_compiles_its_own_graph_and_the_limit_leaves_room(model_cache: Path) -> None:
+def test_every_dropout_rate_compiles_its_own_graph_and_the_limit_leaves_room(model) -> None:  # type: ignore[no-untyped-def]
     # A dropout rate is a constant of the block's graph: a study searching it makes one graph
     # per value, and past dynamo's default limit (8 graphs) blocks would run eagerly unnoticed.
-    adapter = _model(model_cache)
+    adapter = model()
     adapter.train()
     call = compiled.block_call(adapter, "aot_eager")
     assert torch._dynamo.config.recompile_limit >= compiled.RECOMPILE_LIMIT > 8
@@ -90,25 +89,24 @@ def _broken_compiler(graph, example_inputs):  # type: ignore[no-untyped-def]
     raise RuntimeError("Compiler: cc not found")  # what inductor says on a machine without a C compiler
 
 
-def test_a_compiler_that_cannot_run_leaves_the_trial_eager_with_one_warning(data, model_cache: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_a_compiler_that_cannot_run_leaves_the_trial_eager_with_one_warning(data, model, caplog) -> None:  # type: ignore[no-untyped-def]
     torch._dynamo.reset()  # the graphs of earlier tests would spare the backend its call
     torch._dynamo.register_backend(_broken_compiler, name="sweeper_test_broken")
     hyper = Hyper(learning_rate=2e-3, batch_size=16)
-    eager = train(_model(model_cache), data, hyper, _settings())
+    eager = train(model(), data, hyper, _settings())
     with caplog.at_level(logging.WARNING, logger="sweeper.finetune.compiled"):
-        fallen_back = train(_model(model_cache), data, hyper,
+        fallen_back = train(model(), data, hyper,
                             _settings(compile=True, compile_backend="sweeper_test_broken"))
     warnings = [r.getMessage() for r in caplog.records if r.name == "sweeper.finetune.compiled"]
     assert len(warnings) == 1 and "cc not found" in warnings[0] and "compile=False" in warnings[0]
     assert fallen_back.history == eager.history  # eager from the first block on: nothing computed twice
 
 
-def test_a_compiled_resnet_trains_like_an_eager_one(tmp_path: Path) -> None:
+def test_a_compiled_resnet_trains_like_an_eager_one(tmp_path: Path, image_folder) -> None:  # type: ignore[no-untyped-def]
     from sweeper.finetune.data import ImageData
     from sweeper.finetune.models import ImageClassifier
-    from tests.finetune.test_images import _image_folder
 
-    folder = _image_folder(tmp_path / "images", per_class=12)
+    folder = image_folder(12)
     images = prepare(ImageData(str(folder), image_size=32, validation_fraction=0.25), tmp_path / "cache", seed=0)
     hyper = Hyper(learning_rate=1e-3, batch_size=5, unfreeze_depth=5)  # a short last batch; blocks of 3 stages
     nets = []

@@ -7,18 +7,16 @@ import numpy as np
 import pytest
 
 from sweeper.errors import SweepError
-from sweeper.finetune import data as data_mod
 from sweeper.finetune.data import TextData, evaluation_batches, prepare, training_batches
-from sweeper.finetune.models import TextClassifier
-from tests.helpers import MINILM, SST2
+from tests.helpers import SST2
 
 # One xdist worker runs this file's tests, so its module- and session-wide fixtures are built once.
 pytestmark = pytest.mark.xdist_group("finetune_data")
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):  # type: ignore[no-untyped-def]
-    return TextClassifier(str(MINILM)).tokenizer(tmp_path_factory.mktemp("tok"))
+def tokenizer(minilm_tokenizer):  # type: ignore[no-untyped-def]
+    return minilm_tokenizer
 
 
 def _tsv_folder(folder: Path, train: list[tuple[str, str]], test: list[tuple[str, str]]) -> Path:
@@ -68,7 +66,7 @@ def test_tokenisation_happens_once_and_is_then_read_from_the_cache(tmp_path: Pat
     spec = TextData(str(folder))
     prepare(spec, tmp_path / "cache", 0, tokenizer, "minilm")
     calls = []
-    monkeypatch.setattr(data_mod, "_build_text", lambda *a: calls.append(a))
+    monkeypatch.setattr(TextData, "write_cache", lambda *a: calls.append(a))
     again = prepare(spec, tmp_path / "cache", 0, tokenizer, "minilm")
     assert not calls and len(again.train) + len(again.validation) == 40
 

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from sweeper.errors import SweepError
@@ -10,8 +8,8 @@ from sweeper.finetune.models import TinyTextClassifier
 
 
 @pytest.fixture
-def adapter(model_cache: Path):  # type: ignore[no-untyped-def]
-    return TinyTextClassifier(layers=3, hidden=32, heads=2).build(2, model_cache)
+def adapter(tiny_model):  # type: ignore[no-untyped-def]
+    return tiny_model(TinyTextClassifier(layers=3, hidden=32, heads=2))
 
 
 def _ids(params) -> set[int]:  # type: ignore[no-untyped-def]

@@ -14,24 +14,8 @@ from sweeper.finetune.loop import Hyper, LoopSettings, train
 from sweeper.finetune.models import ImageClassifier
 
 
-def _image_folder(root: Path, per_class: int) -> Path:
-    """Two classes a CNN can tell apart: reddish and bluish noise."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, count in (("train", per_class), ("test", per_class // 4)):
-        for name, channel in (("red", 0), ("blue", 2)):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 120, size=(40, 40, 3), dtype=np.uint8)
-                pixels[..., channel] += 120
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
-
-
-def test_a_resnet_fine_tunes_on_an_image_folder(tmp_path: Path) -> None:
-    folder = _image_folder(tmp_path / "images", per_class=40)
+def test_a_resnet_fine_tunes_on_an_image_folder(tmp_path: Path, image_folder) -> None:  # type: ignore[no-untyped-def]
+    folder = image_folder(40)
     spec = ImageData(str(folder), image_size=32, augment=True, validation_fraction=0.25)
     check_source(spec)
     data = prepare(spec, tmp_path / "cache", seed=0)

@@ -13,8 +13,8 @@ SPEC = TinyTextClassifier(layers=3, hidden=32, heads=2)
 
 
 @pytest.fixture
-def setup(model_cache: Path):  # type: ignore[no-untyped-def]
-    adapter = SPEC.build(2, model_cache)
+def setup(tiny_model, model_cache: Path):  # type: ignore[no-untyped-def]
+    adapter = tiny_model(SPEC)
     tokenizer = SPEC.tokenizer(model_cache)
     encoded = tokenizer(["the film was good and witty", "not good", "dull and flat story"],
                         padding=True, return_tensors="pt")

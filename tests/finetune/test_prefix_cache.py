@@ -7,21 +7,13 @@ the float tolerance each test states, and that it is used (or bypassed) where it
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from sweeper.finetune import freeze, prefix
-from sweeper.finetune.data import (
-    ImageSplit,
-    PreparedData,
-    SyntheticText,
-    evaluation_batches,
-    prepare,
-    training_batches,
-)
+from sweeper.finetune.data import ImageSplit, PreparedData, evaluation_batches, training_batches
 from sweeper.finetune.loop import Hyper, LoopSettings, forward_pass, train
 from sweeper.finetune.models import TinyTextClassifier
 
@@ -39,14 +31,8 @@ def _fresh_stores() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):  # type: ignore[no-untyped-def]
-    folder = tmp_path_factory.mktemp("prefixdata")
-    return prepare(SyntheticText(n_train=400, n_test=50), folder, 0, SPEC.tokenizer(folder), SPEC.identity())
-
-
-def _model(model_cache: Path, seed: int = 0):  # type: ignore[no-untyped-def]
-    torch.manual_seed(seed)
-    return SPEC.build(2, model_cache)
+def data(synthetic_data):  # type: ignore[no-untyped-def]
+    return synthetic_data(400, 50)
 
 
 def _settings(**kw) -> LoopSettings:  # type: ignore[no-untyped-def]
@@ -65,8 +51,8 @@ def _fresh_prefix(adapter, batch, start):  # type: ignore[no-untyped-def]
     (torch.float32, 1e-5),  # fp32 storage: only the float rounding of another batch shape
     (torch.bfloat16, 2**-7),  # bf16 storage: 8 significant bits, relative rounding up to 2^-8
 ])
-def test_cached_prefix_features_equal_a_fresh_forward_pass(data, model_cache, dtype, tolerance) -> None:  # type: ignore[no-untyped-def]
-    adapter = _model(model_cache)
+def test_cached_prefix_features_equal_a_fresh_forward_pass(data, tiny_model, dtype, tolerance) -> None:  # type: ignore[no-untyped-def]
+    adapter = tiny_model(SPEC)
     start = freeze.first_trainable_block(1, adapter.num_blocks)
     freeze.apply(adapter, 1)
     adapter.eval()
@@ -85,8 +71,8 @@ def test_cached_prefix_features_equal_a_fresh_forward_pass(data, model_cache, dt
         assert not cached[~real].any()  # padding is zero, and hidden from real tokens by the mask
 
 
-def test_logits_from_the_cache_equal_the_plain_forward_pass(data, model_cache) -> None:  # type: ignore[no-untyped-def]
-    adapter = _model(model_cache)
+def test_logits_from_the_cache_equal_the_plain_forward_pass(data, tiny_model) -> None:  # type: ignore[no-untyped-def]
+    adapter = tiny_model(SPEC)
     freeze.apply(adapter, 2)
     adapter.eval()
     store = prefix.FeatureStore(data.validation, tokens=True, dtype=torch.float32, device=torch.device("cpu"))
@@ -102,9 +88,9 @@ def test_logits_from_the_cache_equal_the_plain_forward_pass(data, model_cache) -
 
 
 @pytest.mark.parametrize("pretrain_loss", ["l2sp", "distill", "mlm"])
-def test_a_trial_with_the_cache_trains_like_one_without(data, model_cache, pretrain_loss) -> None:  # type: ignore[no-untyped-def]
+def test_a_trial_with_the_cache_trains_like_one_without(data, tiny_model, model_cache, pretrain_loss) -> None:  # type: ignore[no-untyped-def]
     hyper = Hyper(learning_rate=3e-3, batch_size=16, unfreeze_depth=1, pretrain_loss_weight=0.3)
-    plain_model, cached_model = _model(model_cache), _model(model_cache)
+    plain_model, cached_model = tiny_model(SPEC), tiny_model(SPEC)
     extra = {}
     if pretrain_loss == "mlm":  # its masked pass runs the frozen bottom itself: masks change every step
         extra = dict(lm_head=SPEC.pretrained_lm_head(model_cache), tokenizer=SPEC.tokenizer(model_cache))
@@ -122,9 +108,9 @@ def test_a_trial_with_the_cache_trains_like_one_without(data, model_cache, pretr
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_full_depth_bypasses_the_prefix_cache(data, model_cache) -> None:  # type: ignore[no-untyped-def]
+def test_full_depth_bypasses_the_prefix_cache(data, tiny_model) -> None:  # type: ignore[no-untyped-def]
     hyper = Hyper(learning_rate=3e-3, batch_size=16, unfreeze_depth=SPEC.layers, pretrain_loss_weight=0.3)
-    cached_model, plain_model = _model(model_cache), _model(model_cache)
+    cached_model, plain_model = tiny_model(SPEC), tiny_model(SPEC)
     cached = train(cached_model, data, hyper, _settings(epochs=1))
     assert not prefix.cached_stores()  # nothing is frozen, so nothing is stored
     plain = train(plain_model, data, hyper, _settings(epochs=1, cache_prefix=False))
@@ -133,9 +119,9 @@ def test_full_depth_bypasses_the_prefix_cache(data, model_cache) -> None:  # typ
         assert torch.equal(a, b)
 
 
-def test_full_depth_distill_caches_only_the_teacher(data, model_cache) -> None:  # type: ignore[no-untyped-def]
+def test_full_depth_distill_caches_only_the_teacher(data, tiny_model) -> None:  # type: ignore[no-untyped-def]
     hyper = Hyper(learning_rate=3e-3, batch_size=16, unfreeze_depth=SPEC.layers, pretrain_loss_weight=0.5)
-    cached_model, plain_model = _model(model_cache), _model(model_cache)
+    cached_model, plain_model = tiny_model(SPEC), tiny_model(SPEC)
     train(cached_model, data, hyper, _settings(pretrain_loss="distill"))
     kinds = [s for s in prefix.cached_stores() if not s.tokens]
     assert len(prefix.cached_stores()) == 1 and kinds and kinds[0].hits > 0
@@ -144,31 +130,31 @@ def test_full_depth_distill_caches_only_the_teacher(data, model_cache) -> None: 
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_a_later_trial_reuses_the_stores_of_an_earlier_one(data, model_cache) -> None:  # type: ignore[no-untyped-def]
+def test_a_later_trial_reuses_the_stores_of_an_earlier_one(data, tiny_model) -> None:  # type: ignore[no-untyped-def]
     hyper = Hyper(learning_rate=1e-3, batch_size=32, unfreeze_depth=1)
-    train(_model(model_cache), data, hyper, _settings(epochs=1))
+    train(tiny_model(SPEC), data, hyper, _settings(epochs=1))
     store_train = max(prefix.cached_stores(), key=lambda s: len(s.split))
     stored = store_train.stores
     # Another head seed, learning rate and dropout: the frozen bottom is the same.
-    train(_model(model_cache, seed=1), data, Hyper(learning_rate=3e-3, batch_size=16, unfreeze_depth=1, dropout=0.2),
+    train(tiny_model(SPEC, seed=1), data, Hyper(learning_rate=3e-3, batch_size=16, unfreeze_depth=1, dropout=0.2),
           _settings(epochs=1))
     assert len(prefix.cached_stores()) == 2 and store_train.stores == stored
     # Another start block is another prefix: a new store, never the old values.
-    train(_model(model_cache), data, Hyper(learning_rate=1e-3, batch_size=32, unfreeze_depth=2), _settings(epochs=1))
+    train(tiny_model(SPEC), data, Hyper(learning_rate=1e-3, batch_size=32, unfreeze_depth=2), _settings(epochs=1))
     assert len(prefix.cached_stores()) == 4
 
 
-def test_other_weights_get_other_stores(data, model_cache, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_other_weights_get_other_stores(data, tiny_model, model_cache, tmp_path) -> None:  # type: ignore[no-untyped-def]
     hyper = Hyper(learning_rate=1e-3, batch_size=32, unfreeze_depth=1)
-    train(_model(model_cache), data, hyper, _settings(epochs=1))
+    train(tiny_model(SPEC), data, hyper, _settings(epochs=1))
     other = TinyTextClassifier(layers=3, hidden=32, heads=2, seed=5)
     train(other.build(2, model_cache), data, hyper, _settings(epochs=1))
     assert len(prefix.cached_stores()) == 4
 
 
-def test_a_cache_over_its_budget_runs_the_plain_path(data, model_cache) -> None:  # type: ignore[no-untyped-def]
+def test_a_cache_over_its_budget_runs_the_plain_path(data, tiny_model) -> None:  # type: ignore[no-untyped-def]
     hyper = Hyper(learning_rate=3e-3, batch_size=16, unfreeze_depth=1)
-    small, plain_model = _model(model_cache), _model(model_cache)
+    small, plain_model = tiny_model(SPEC), tiny_model(SPEC)
     result = train(small, data, hyper, _settings(epochs=1, prefix_cache_gib=1e-9))
     assert all(s.disabled and s.hits == 0 for s in prefix.cached_stores())
     plain = train(plain_model, data, hyper, _settings(epochs=1, cache_prefix=False))

@@ -203,11 +203,11 @@ def test_best_folder_loads_with_from_pretrained_and_reproduces_the_validation_me
     for name, value in recorded.items():  # the loss too: the weights of that evaluation exactly
         assert scores[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
-    record = json.loads((out / "trial.json").read_text())
-    assert record["trial"] == best.number and record["value"] == best.value
-    assert record["best_evaluation"] == best.user_attrs["best_evaluation"]
-    assert record["params"] == best.params
-    assert record["study"] == best.user_attrs["config"]["study"] and record["study"]["keep"] == KEEP
+    saved = json.loads((out / "trial.json").read_text())
+    assert saved["trial"] == best.number and saved["value"] == best.value
+    assert saved["best_evaluation"] == best.user_attrs["best_evaluation"]
+    assert saved["params"] == best.params
+    assert saved["study"] == best.user_attrs["config"]["study"] and saved["study"]["keep"] == KEEP
     assert json.loads((out / "params.json").read_text()) == best.params
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["value"] == best.value and metrics["validation"] == recorded

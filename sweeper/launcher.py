@@ -60,6 +60,23 @@ class LaunchOptions:
     stop_timeout: float = STOP_TIMEOUT_S
     progress: TextIO | None = None  # where the live progress goes (the CLI passes stderr)
 
+    def __post_init__(self) -> None:
+        # Every bad budget or liveness option at once, before anything is created (issue 17.7).
+        problems = []
+        for flag, value in (("--n-trials", self.n_trials), ("--workers", self.workers),
+                            ("--heartbeat", self.heartbeat_interval)):
+            if value is not None and value < 1:
+                problems.append(f"`{flag}` is {value}: use 1 or more")
+        for flag, limit in (("--timeout", self.timeout), ("--gpu-hours", self.gpu_hours)):
+            if limit is not None and limit <= 0:
+                problems.append(f"`{flag}` is {limit:g}: use a number above 0, or leave it out for no limit")
+        beat = self.heartbeat_interval or storage_mod.HEARTBEAT_INTERVAL_S
+        if self.grace_period is not None and 0 < beat and self.grace_period <= beat:
+            problems.append(f"`--grace` is {self.grace_period} s, not above the heartbeat interval ({beat} s): "
+                            f"live trials would be failed as dead; use more than {beat}")
+        if problems:
+            raise SweepError("; ".join(problems))
+
 
 @dataclass
 class Slot:
@@ -100,9 +117,7 @@ def plan_slots(options: LaunchOptions, available: list[str] | None = None) -> li
     gpus = options.gpus if options.gpus is not None else available
     if options.workers_per_gpu < 1:
         raise SweepError(f"--workers-per-gpu is {options.workers_per_gpu}: use 1 or more")
-    count = options.workers or (len(gpus) * options.workers_per_gpu if gpus else 1)
-    if count < 1:
-        raise SweepError(f"--workers is {count}: use 1 or more")
+    count = options.workers if options.workers is not None else (len(gpus) * options.workers_per_gpu if gpus else 1)
     if gpus and count > len(gpus) * options.workers_per_gpu:
         raise SweepError(f"--workers {count} needs more than {options.workers_per_gpu} worker(s) on "
                          f"each of the {len(gpus)} GPU(s): raise --workers-per-gpu to "

@@ -83,3 +83,21 @@ def test_every_command_has_help_that_ends_with_examples() -> None:
         assert result.returncode == 0 and "examples:" in result.stdout, command
         examples = result.stdout.rsplit("examples:\n", 1)[1].splitlines()
         assert examples and all(line.startswith("  ") and "sweeper " in line for line in examples), command
+
+
+@pytest.mark.parametrize("command, flags, expected", [
+    ("launch", ["--n-trials", "0", "--workers", "0", "--timeout", "-5"],
+     ["`--n-trials` is 0: use 1 or more", "`--workers` is 0: use 1 or more", "`--timeout` is -5"]),
+    ("launch", ["--gpu-hours", "-1", "--heartbeat", "20", "--grace", "10"],
+     ["`--gpu-hours` is -1", "`--grace` is 10 s, not above the heartbeat interval (20 s)"]),
+    ("create", ["--n-trials", "-3"], ["`--n-trials` is -3: use 1 or more"]),
+])
+def test_bad_budget_and_liveness_options_are_one_line_and_create_nothing(
+        tmp_path: Path, command: str, flags: list[str], expected: list[str]) -> None:
+    """Issue 17.7: `--n-trials 0`, negative limits, `--workers 0` (silently 1) and a grace
+    period a live trial's heartbeat cannot beat were accepted."""
+    result = run_cli(command, QUICKSTART, "--set", f"output_dir={tmp_path}", *flags)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("sweeper: error: ") and all(text in line for text in expected), line
+    assert not (tmp_path / "study.db").exists(), "nothing was created"

@@ -28,6 +28,7 @@ from sweeper import budget, checkpoints, finalize, liveness, optuna_adapter, pro
 from sweeper import space as space_mod
 from sweeper import storage as storage_mod
 from sweeper.errors import SweepError
+from sweeper.finetune import rules
 from sweeper.storage import ENV_STORAGE, mask, open_storage
 from sweeper.study import Sweep
 from sweeper.worker import RetryCallback
@@ -62,16 +63,16 @@ class LaunchOptions:
 
     def __post_init__(self) -> None:
         # Every bad budget or liveness option at once, before anything is created (issue 17.7).
-        problems = []
-        for flag, value in (("--n-trials", self.n_trials), ("--workers", self.workers),
-                            ("--heartbeat", self.heartbeat_interval)):
-            if value is not None and value < 1:
-                problems.append(f"`{flag}` is {value}: use 1 or more")
-        for flag, limit in (("--timeout", self.timeout), ("--gpu-hours", self.gpu_hours)):
-            if limit is not None and limit <= 0:
-                problems.append(f"`{flag}` is {limit:g}: use a number above 0, or leave it out for no limit")
+        # The budget flags override the study's settings: the study's own rules judge them.
+        problems = [message for flag, name in (("--n-trials", "n_trials"), ("--timeout", "timeout"),
+                                               ("--gpu-hours", "gpu_hours"))
+                    if (value := getattr(self, name)) is not None
+                    and (message := rules.rule_of(Sweep, name).problem(flag, value))]
+        for flag, count in (("--workers", self.workers), ("--heartbeat", self.heartbeat_interval)):
+            if count is not None and count < 1:
+                problems.append(f"`{flag}` is {count}: use 1 or more")
         beat = self.heartbeat_interval or storage_mod.HEARTBEAT_INTERVAL_S
-        if self.grace_period is not None and 0 < beat and self.grace_period <= beat:
+        if self.grace_period is not None and self.grace_period <= beat:
             problems.append(f"`--grace` is {self.grace_period} s, not above the heartbeat interval ({beat} s): "
                             f"live trials would be failed as dead; use more than {beat}")
         if problems:

@@ -113,8 +113,8 @@ def reap(study: optuna.Study, grace: float, retry: Retry, clock: Callable[[], fl
     silences = optuna_adapter.trial_silences(study)
     if silences is not None:
         # One query in the common case (nothing is stale); grace is the storage's own.
-        grace = optuna_adapter.storage_grace_period(optuna_adapter.storage_of(study)) or grace
         storage = optuna_adapter.storage_of(study)
+        grace = optuna_adapter.storage_grace_period(storage) or grace
         reaped = []
         for trial_id, silent in silences.items():
             if silent + ahead <= grace:

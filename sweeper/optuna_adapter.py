@@ -57,29 +57,29 @@ _TRANSIENT = _BUSY + ("server closed the connection", "terminating connection", 
               "no connection to the server", "timeout expired", "connection to server")
 
 
-def _chain(exc: BaseException) -> str:
-    text, seen = [], exc
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the errors it was raised from, five deep (drivers wrap their errors)."""
+    seen: BaseException | None = exc
     for _ in range(5):
-        text.append(" ".join(str(seen).split()).lower())
-        if (nxt := seen.__cause__ or seen.__context__) is None:
-            break
-        seen = nxt
-    return " ".join(text)
+        if seen is None:
+            return
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
+def _text(exc: BaseException) -> str:
+    return " ".join(str(exc).split()).lower()
 
 
 def is_busy(exc: BaseException) -> bool:
     """True when the server is there but refuses a connection for now (at its connection
     limit, starting up, shutting down): worth waiting for even when opening a storage."""
-    text = _chain(exc)
-    return any(s in text for s in _BUSY)
+    return any(s in _text(seen) for seen in _causes(exc) for s in _BUSY)
 
 
 def is_transient(exc: BaseException) -> bool:
     """True for storage errors that a new connection fixes: a restarted or busy server."""
-    seen: BaseException | None = exc
-    for _ in range(5):
-        if seen is None:
-            break
+    for seen in _causes(exc):
         if isinstance(seen, sqlalchemy.exc.DBAPIError) and seen.connection_invalidated:
             return True
         # A grpc:// storage: `sweeper proxy` is down (UNAVAILABLE), or was stopping when the
@@ -90,9 +90,8 @@ def is_transient(exc: BaseException) -> bool:
             return True
         if isinstance(seen, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
                              optuna.exceptions.StorageInternalError, sqlalchemy.exc.TimeoutError)):
-            if any(s in " ".join(str(seen).split()).lower() for s in _TRANSIENT):
+            if any(s in _text(seen) for s in _TRANSIENT):
                 return True
-        seen = seen.__cause__ or seen.__context__
     return False
 
 
@@ -186,7 +185,7 @@ class RetryingStorage(BaseStorage):
 
     def _retry(self, name: str, *args: Any, **kwargs: Any) -> Any:
         method = getattr(self.inner, name)
-        return call_with_retries(lambda: method(*args, **kwargs), what=name.strip("_").replace("_", " "))
+        return call_with_retries(lambda: method(*args, **kwargs), what=name)
 
     # ------------------------------------------------------------------ studies
 

@@ -87,10 +87,10 @@ def test_every_command_has_help_that_ends_with_examples() -> None:
 
 @pytest.mark.parametrize("command, flags, expected", [
     ("launch", ["--n-trials", "0", "--workers", "0", "--timeout", "-5"],
-     ["`--n-trials` is 0: use 1 or more", "`--workers` is 0: use 1 or more", "`--timeout` is -5"]),
+     ["`--n-trials` is 0: use a whole number at least 1", "`--workers` is 0: use 1 or more", "`--timeout` is -5"]),
     ("launch", ["--gpu-hours", "-1", "--heartbeat", "20", "--grace", "10"],
      ["`--gpu-hours` is -1", "`--grace` is 10 s, not above the heartbeat interval (20 s)"]),
-    ("create", ["--n-trials", "-3"], ["`--n-trials` is -3: use 1 or more"]),
+    ("create", ["--n-trials", "-3"], ["`--n-trials` is -3: use a whole number at least 1"]),
 ])
 def test_bad_budget_and_liveness_options_are_one_line_and_create_nothing(
         tmp_path: Path, command: str, flags: list[str], expected: list[str]) -> None:

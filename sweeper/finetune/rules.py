@@ -172,6 +172,14 @@ def about(doc: str, rule: Rule | None = None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- using
 
 
+def rule_of(cls: type, name: str) -> Rule:
+    """The rule declared for the setting ``name`` of ``cls`` (for a flag that overrides it)."""
+    rule = next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("rule")
+    if rule is None:
+        raise KeyError(f"{cls.__name__}.{name} declares no rule")
+    return rule
+
+
 def problems(obj: Any, prefix: str = "", blocks: int | None = None) -> list[str]:
     """Every field of ``obj`` that breaks its rule, one message each, in field order;
     ``prefix`` is where ``obj`` sits in the study (``"data."``, ``"space."``)."""

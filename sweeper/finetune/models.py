@@ -26,7 +26,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -214,9 +214,10 @@ class ResNetAdapter(ModelAdapter):
 
     kind = "image"
 
-    def __init__(self, model: Any, arch: str) -> None:  # a torchvision ResNet: its parts are attributes
+    def __init__(self, model: Any, arch: str, label_names: Sequence[str] = ()) -> None:  # a torchvision ResNet
         self.model = model
         self.arch = arch
+        self.label_names = _class_names(model.fc.out_features, label_names)  # the class folders' names
         self.stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
         self.blocks = nn.ModuleList(
             [block for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for block in stage]
@@ -251,7 +252,8 @@ class ResNetAdapter(ModelAdapter):
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         save_file(state, str(folder / "model.safetensors"))
-        config = {"arch": self.arch, "num_classes": self.model.fc.out_features, "format": "torchvision"}
+        config = {"arch": self.arch, "num_classes": self.model.fc.out_features, "format": "torchvision",
+                  "id2label": dict(enumerate(self.label_names))}
         (folder / "config.json").write_text(json.dumps(config, indent=1))
 
 
@@ -293,8 +295,10 @@ class BaseModelSpec:
         """The tokenizer its data is prepared with; None for a model that reads no text."""
         return None
 
-    def build(self, num_labels: int, cache_dir: Path, dropout: float | None = None) -> ModelAdapter:
-        """The pretrained model with a new head of ``num_labels``, as an adapter."""
+    def build(self, num_labels: int, cache_dir: Path, dropout: float | None = None,
+              label_names: Sequence[str] = ()) -> ModelAdapter:
+        """The pretrained model with a new head of ``num_labels``, as an adapter; the saved
+        model names its classes ``label_names`` (where there is one per class)."""
         raise NotImplementedError
 
     def has_lm_head(self, cache_dir: Path) -> bool:
@@ -335,12 +339,17 @@ class TextClassifier(BaseModelSpec):
         except (OSError, ValueError) as exc:
             raise _load_error(self.path, exc) from None
 
-    def build(self, num_labels: int, cache_dir: Path, dropout: float | None = None) -> TextAdapter:
+    def build(self, num_labels: int, cache_dir: Path, dropout: float | None = None,
+              label_names: Sequence[str] = ()) -> TextAdapter:
         from transformers import AutoModelForSequenceClassification
 
         config, state = _pretrained_text_weights(self.path)
         config = copy.deepcopy(config)
         config.num_labels = num_labels
+        # A pipeline on the exported model answers with these names instead of LABEL_k (issue 18.2).
+        names = _class_names(num_labels, label_names)
+        config.id2label = dict(enumerate(names))
+        config.label2id = {name: k for k, name in enumerate(names)}
         config.problem_type = "single_label_classification"
         if dropout is not None:
             config.hidden_dropout_prob = dropout
@@ -429,8 +438,9 @@ class TinyTextClassifier(BaseModelSpec):
     def tokenizer(self, cache_dir: Path) -> Any:
         return self._as_text(cache_dir).tokenizer(cache_dir)
 
-    def build(self, num_labels: int, cache_dir: Path, dropout: float | None = None) -> TextAdapter:
-        return self._as_text(cache_dir).build(num_labels, cache_dir, dropout)
+    def build(self, num_labels: int, cache_dir: Path, dropout: float | None = None,
+              label_names: Sequence[str] = ()) -> TextAdapter:
+        return self._as_text(cache_dir).build(num_labels, cache_dir, dropout, label_names)
 
     def pretrained_lm_head(self, cache_dir: Path) -> nn.Module:
         return self._as_text(cache_dir).pretrained_lm_head(cache_dir)
@@ -459,10 +469,11 @@ class ImageClassifier(BaseModelSpec):
     def num_blocks(self, cache_dir: Path) -> int:
         return RESNET_BLOCKS[self.arch]
 
-    def build(self, num_labels: int, cache_dir: Path, dropout: float | None = None) -> ResNetAdapter:
+    def build(self, num_labels: int, cache_dir: Path, dropout: float | None = None,
+              label_names: Sequence[str] = ()) -> ResNetAdapter:
         model = _load_resnet(self.arch, self.weights)
         model.fc = nn.Linear(model.fc.in_features, num_labels)
-        return ResNetAdapter(model, self.arch)
+        return ResNetAdapter(model, self.arch, _class_names(num_labels, label_names))
 
     def with_path(self, text: str) -> ModelSpec:
         """An architecture name picks the architecture; anything else, the weights."""
@@ -508,6 +519,13 @@ def _pretrained_text_weights(path: str) -> tuple[Any, dict[str, torch.Tensor]]:
             raise _load_error(path, exc) from None
         _TEXT_WEIGHTS[path] = (base.config, {k: v.detach().clone() for k, v in base.state_dict().items()})
     return _TEXT_WEIGHTS[path]
+
+
+def _class_names(num_labels: int, label_names: Sequence[str]) -> list[str]:
+    """``label_names`` where there is one per class, else transformers' default ``LABEL_k``."""
+    if len(label_names) == num_labels:
+        return [str(name) for name in label_names]
+    return [f"LABEL_{k}" for k in range(num_labels)]
 
 
 def _load_error(path: str, exc: Exception) -> SweepError:
@@ -600,7 +618,8 @@ def from_checkpoint(folder: Path) -> ModelAdapter:
         model = _load_resnet(config["arch"], "none")
         model.fc = nn.Linear(model.fc.in_features, int(config["num_classes"]))
         model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
-        return ResNetAdapter(model, config["arch"])
+        names = config.get("id2label", {})
+        return ResNetAdapter(model, config["arch"], [names[k] for k in sorted(names, key=int)])
     from transformers import AutoModelForSequenceClassification
 
     quiet_transformers()

@@ -2,9 +2,10 @@
 
 Three sources, each a small dataclass a study file names:
 
-- :class:`TextData`: a GLUE-style folder of TSV files (``train.tsv``, ``validation.tsv``,
-  a header line, ``sentence<TAB>label``), or a Hugging Face hub data set (``"glue/sst2"``)
-  when a network is there.
+- :class:`TextData`: a folder of one file per split, all of one type (GLUE's TSV layout
+  ``train.tsv``/``validation.tsv``, or ``.csv``, ``.jsonl``, ``.parquet``), a folder that
+  ``datasets.save_to_disk`` wrote, or a Hugging Face hub data set (``"glue/sst2"``) when a
+  network is there.
 - :class:`ImageData`: an image folder (``train/<class>/*.png``, ``test/<class>/*.png``) or a
   torchvision data set by name (``"CIFAR10"``).
 - :class:`SyntheticText`: a small generated sentiment task that needs nothing from outside:
@@ -21,7 +22,7 @@ the first worker tokenise while the others wait for its result.
 
 The package's modules, one job each: ``_specs`` (the three specs), ``_splits`` (the prepared
 splits, the validation carve-out, batching), ``_cache`` (the on-disk cache), ``_readers``
-(TSV, hub and image sources) and ``_synthetic`` (the generated task).
+(file, saved, hub and image sources) and ``_synthetic`` (the generated task).
 """
 
 from __future__ import annotations

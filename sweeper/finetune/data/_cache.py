@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("sweeper.finetune.data")
 
 # Bump when the cached layout changes, so stale caches are rebuilt rather than misread.
-CACHE_FORMAT = 1
+# 2: label names from the data (a ClassLabel's, `label_names`, the generated task's).
+CACHE_FORMAT = 2
 SPLITS = ("train", "validation", "test")
 
 
@@ -98,28 +100,50 @@ class TextSource(Protocol):
     @property
     def max_length(self) -> int: ...
 
+    @property
+    def validation_fraction(self) -> float: ...
+
     def carve(self, rows: Rows, seed: int) -> tuple[str, np.ndarray, np.ndarray, int]: ...
 
 
 def write_text(spec: TextSource, train_rows: Rows, test_rows: Rows, folder: Path, seed: int,
-               tokenizer: Any) -> dict[str, Any]:
+               tokenizer: Any, names: Sequence[str] = (), where: str = "the data") -> dict[str, Any]:
     """Validation carved from ``train_rows``, the three splits tokenised into ``folder``; the
-    cache's meta."""
+    cache's meta. ``names`` are the classes' names in class order, where the study or the data
+    gives them; ``where`` is what messages call the data."""
     if tokenizer is None:
         raise SweepError("a text data set needs the model's tokenizer")
     fields, label_field = spec.text_fields, spec.label_field
-    label_names = _label_names(train_rows, label_field)
-    how, train_idx, val_idx, sentences = spec.carve(train_rows, seed)
+    label_names, classes = text_labels(train_rows, test_rows, label_field, names, where)
+    how, train_idx, val_idx, sentences = carve_checked(spec, train_rows, seed, where)
     splits = {
         "train": [train_rows[i] for i in train_idx],
         "validation": [train_rows[i] for i in val_idx],
         "test": test_rows,
     }
     for name, rows in splits.items():
-        _tokenize_split(rows, fields, label_field, label_names, tokenizer, spec.max_length, folder / name)
+        _tokenize_split(rows, fields, label_field, classes, tokenizer, spec.max_length, folder / name)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return {"kind": "text", "label_names": label_names, "pad_id": int(pad_id),
             "sizes": {k: len(v) for k, v in splits.items()}, "validation_split": how, "validation_sentences": sentences}
+
+
+def carve_checked(spec: TextSource, rows: Rows, seed: int, where: str) -> tuple[str, np.ndarray, np.ndarray, int]:
+    """``spec.carve``, and one line when it leaves nothing to train on."""
+    how, train_idx, val_idx, sentences = spec.carve(rows, seed)
+    check_carved(len(train_idx), len(val_idx), spec.validation_fraction, where)
+    return how, train_idx, val_idx, sentences
+
+
+def check_carved(n_train: int, n_validation: int, fraction: float, where: str) -> None:
+    """One line when the carve-out leaves no training example (validation always holds one
+    at least: ``splits.carve``)."""
+    if n_train == 0:
+        raise SweepError(
+            f"the training split of {where} has {n_train + n_validation} row(s), and `data.validation_fraction` "
+            f"({fraction}) holds out {n_validation} of them for validation, which leaves none to train on: "
+            "add rows, or lower `data.validation_fraction`"
+        )
 
 
 def read_text(folder: Path, meta: dict[str, Any]) -> TextSplit:
@@ -134,33 +158,64 @@ def read_text(folder: Path, meta: dict[str, Any]) -> TextSplit:
     )
 
 
-def _label_names(rows: Rows, label_field: str) -> list[str]:
-    values = sorted({row[label_field] for row in rows})
-    if all(v.lstrip("-").isdigit() for v in values):
-        values = sorted(values, key=int)
-        # Integer labels keep their meaning: label k is class k (GLUE convention).
-        return [str(i) for i in range(int(values[-1]) + 1)] if values else []
-    return values
+def text_labels(train: Rows, test: Rows, label_field: str, names: Sequence[str],
+                where: str) -> tuple[list[str], dict[str, int]]:
+    """The classes' names in class order, and each label text's class; one line for labels
+    that cannot be classes.
+
+    Integer labels keep their meaning, label k is class k (the GLUE convention), named by
+    ``names`` where given, else by the numbers; string labels are classes in the order of
+    ``names``, or sorted.
+    """
+    values = sorted({row[label_field] for row in train})
+    if all(_is_integer(v) for v in values):
+        numbers = sorted(int(v) for v in values)
+        if numbers[0] < 0:
+            raise SweepError(
+                f"the training split of {where} has the label {numbers[0]}, but integer labels are the classes "
+                "0, 1, ... (a data set marks the rows of an unlabelled split with -1): use a labelled split"
+            )
+        count = max(numbers[-1] + 1, len(names))
+        if names and len(names) < count:
+            raise SweepError(f"the labels of {where} go up to {numbers[-1]}, but {len(names)} label names are "
+                             f"given ({list(names)}): give `data.label_names` one name per class, 0..{numbers[-1]}")
+        label_names = list(names) or [str(k) for k in range(count)]
+        classes = {v: int(v) for v in {row[label_field] for row in (*train, *test)} if _is_integer(v)}
+    else:
+        unnamed = [v for v in values if v not in names]
+        if names and unnamed:
+            raise SweepError(f"the training split of {where} has the labels {unnamed[:5]}, which `data.label_names` "
+                             f"({list(names)}) leaves out: name every label, or leave `data.label_names` empty")
+        label_names = list(names) or values
+        classes = {name: k for k, name in enumerate(label_names)}
+    if len(values) < 2:
+        raise SweepError(f"the training split of {where} has only the label {values[0]!r}: a classifier needs "
+                         f"two classes or more; check `data.label_field` ({label_field!r}) and the files")
+    unknown = next((row[label_field] for row in test if classes.get(row[label_field], -1) not in
+                    range(len(label_names))), None)
+    if unknown is not None:
+        raise SweepError(
+            f"the test split of {where} has the label {unknown!r}, which the training split never uses: "
+            "check `data.label_field` and the files"
+        )
+    return label_names, classes
+
+
+def _is_integer(text: str) -> bool:
+    return text.lstrip("-").isdigit()
 
 
 def _tokenize_split(
     rows: Rows,
     fields: tuple[str, ...],
     label_field: str,
-    label_names: list[str],
+    classes: dict[str, int],
     tokenizer: Any,
     max_length: int,
     folder: Path,
 ) -> None:
     folder.mkdir(parents=True)
-    index = {name: i for i, name in enumerate(label_names)}
-    labels = np.array([index.get(row[label_field], -1) for row in rows], dtype=np.int64)
-    if (labels < 0).any():
-        bad = rows[int(np.argmax(labels < 0))][label_field]
-        raise SweepError(
-            f"the test split has the label {bad!r}, which the training split never uses: "
-            "check `data.label_field` and the files"
-        )
+    labels = np.array([classes[row[label_field]] for row in rows], dtype=np.int64)
     texts = [[row[f] for row in rows] for f in fields]
     ids_list: list[list[int]] = []
     types_list: list[list[int]] = []

@@ -31,6 +31,11 @@ _MAX_TRAIN_DOC = "cap on training examples after the split (the same prefix for 
 _MAX_LENGTH_DOC = "tokens per example after truncation"
 
 
+def _distinct_names(value: Any) -> bool:
+    names = list(value) if isinstance(value, (list, tuple)) else None
+    return names is not None and all(isinstance(n, str) and n.strip() for n in names) and len(set(names)) == len(names)
+
+
 class BaseDataSpec:
     """What a study's ``data`` answers; each kind of data is one subclass (and one member of
     :data:`DataSpec`), and nothing outside it asks which kind it is.
@@ -70,15 +75,42 @@ class BaseDataSpec:
 
 @dataclass
 class TextData(BaseDataSpec):
-    """Sentence (or sentence-pair) classification from TSV files or the Hugging Face hub."""
+    """Sentence (or sentence-pair) classification from a folder of TSV, CSV, JSON Lines or
+    Parquet files, a folder written by `datasets.save_to_disk`, or the Hugging Face hub.
 
-    path: str = rules.setting("glue/sst2", "a folder of <split>.tsv files, or a hub data set \"name/config\"")
-    train: str = rules.setting("train", "split the sweep trains on (and carves validation from)")
+    ``path`` names one of:
+
+    - a folder with one file per split, all of one type, named by ``train`` and ``test`` and
+      their extension: ``train.tsv`` and ``validation.tsv`` (tab-separated, a header line, no
+      quoting: GLUE's layout), ``.csv`` (comma-separated, a header line, ``"quoted, fields"``),
+      ``.jsonl`` (one JSON object per line) or ``.parquet``. Parquet needs ``pyarrow``
+      (``pip install 'sweeper[hub]'``);
+    - a folder that ``DatasetDict.save_to_disk`` wrote, whose splits ``train`` and ``test``
+      name (needs ``datasets``: ``pip install 'sweeper[hub]'``);
+    - a hub data set ``"name/config"`` (``"glue/sst2"``), when a network is there.
+
+    Every split is checked whole: the columns ``text_fields`` and ``label_field`` present,
+    at least one row, no row without a label or a text. Labels are integers (label k is
+    class k) or strings (classes in sorted order). The exported model names its classes
+    (``id2label``) by ``label_names`` where the study gives them, else by the data set's own
+    names (a ``datasets.ClassLabel``'s, as SST-2 on the hub has), else by the labels themselves.
+    """
+
+    path: str = rules.setting("glue/sst2", "a folder of <split>.tsv, .csv, .jsonl or .parquet files, a folder "
+                                           "save_to_disk wrote, or a hub data set \"name/config\"")
+    train: str = rules.setting("train", "split the sweep trains on (and carves validation from): a file name "
+                                        "without its extension, or a split of the data set")
     test: str = rules.setting("validation", "held-out split, evaluated for the best trial only")
     text_fields: tuple[str, ...] = rules.setting(("sentence",), "the text columns", rules.Check(
         lambda v: isinstance(v, (list, tuple)) and 1 <= len(v) <= 2, "one column, or two for sentence pairs",
         "give one column, or two for sentence pairs"))
     label_field: str = rules.setting("label", "integer labels, or strings (mapped in sorted order)")
+    # What a pipeline on the exported model answers: ("negative", "positive") for SST-2's 0 and 1.
+    label_names: tuple[str, ...] = rules.setting(
+        (), "the classes' names in class order (0, 1, ...), for the exported model's id2label; empty: the "
+            "data set's own names, else the labels", rules.Check(_distinct_names, "distinct non-empty strings",
+                                                                 "give distinct non-empty strings, e.g. "
+                                                                 "(\"negative\", \"positive\")"))
     validation_fraction: float = rules.setting(0.05, "share of train held out for tuning", _VALIDATION_FRACTION)
     # "sentences" holds out whole sentences with their phrases that no training sentence holds
     # (phrases.py), for phrase-level data such as SST-2, where a random split's figure
@@ -100,14 +132,25 @@ class TextData(BaseDataSpec):
         return problems
 
     def check_source(self) -> None:
-        _readers.check_text(self)
+        """A hub data set's card read; local files read whole (not tokenised), with the checks
+        of :meth:`write_cache`, so that ``sweeper validate`` finds what ``launch`` would."""
+        if _readers.is_hub(self):
+            _readers.check_hub(self)
+            return
+        source = _readers.read_text(self)
+        _cache.text_labels(source.train, source.test, self.label_field, self.label_names or source.label_names,
+                           source.where)
+        # The sizes of a random carve-out (a sentence split takes seconds on SST-2: launch checks it).
+        train_idx, val_idx = carve(len(source.train), self.validation_fraction, 0)
+        _cache.check_carved(len(train_idx), len(val_idx), self.validation_fraction, source.where)
 
     def fingerprint(self) -> Any:
         return _readers.files_fingerprint(self.path)
 
     def write_cache(self, folder: Path, seed: int, tokenizer: Any) -> dict[str, Any]:
-        train, test = _readers.read_text(self)
-        return _cache.write_text(self, train, test, folder, seed, tokenizer)
+        source = _readers.read_text(self)
+        return _cache.write_text(self, source.train, source.test, folder, seed, tokenizer,
+                                 self.label_names or source.label_names, source.where)
 
     def read_split(self, folder: Path, meta: dict[str, Any], name: str) -> Split:
         return _cache.read_text(folder, meta)
@@ -151,10 +194,11 @@ class SyntheticText(BaseDataSpec):
     # The columns of the generated rows (fixed: not settings).
     text_fields: ClassVar[tuple[str, ...]] = ("sentence",)
     label_field: ClassVar[str] = "label"
+    label_names: ClassVar[tuple[str, ...]] = ("negative", "positive")  # labels 0 and 1
 
     def write_cache(self, folder: Path, seed: int, tokenizer: Any) -> dict[str, Any]:
         train, test = synthetic_sentiment(self.n_train, self.n_test, self.seed)
-        return _cache.write_text(self, train, test, folder, seed, tokenizer)
+        return _cache.write_text(self, train, test, folder, seed, tokenizer, self.label_names, "the generated task")
 
     def read_split(self, folder: Path, meta: dict[str, Any], name: str) -> Split:
         return _cache.read_text(folder, meta)

@@ -8,6 +8,7 @@
 #   bash bench/gpu_session.sh quality-sweep FILE  # the sweep against FILE (the baseline's JSON), twice; ~8 min
 #   bash bench/gpu_session.sh full-train          # the sweep on all of SST-2 train, 300 s; ~7 min
 #   bash bench/gpu_session.sh check               # the wheels install, the GPU answers, 6 workers start; ~2 min
+#   bash bench/gpu_session.sh arrays              # trial arrays against sequential, Trainer and packing; ~8 min
 #
 # Run from the project root on the GPU machine, with .gpu carried (../shared/gpu/prep.sh made
 # it here). Each script's figures go to $OUT as JSON beside the whole log; a step whose
@@ -75,8 +76,18 @@ main() {
             step full-train 7 python3 bench/time_to_quality.py --device cuda --full-train --budget 300 \
                 --json "$out/full_train.json"
             ;;
+        arrays)
+            # Issue 21: MiniLM-L6 on 4,000 SST-2 sentences, one epoch a trial at depth 2. First
+            # the array of K against the same K trials one after another (K = 1..16, launches
+            # counted too), then K = 16 against Trainer padded to 128 one at a time and against
+            # 8 worker processes on the GPU (bench/packing.py's two contenders).
+            step arrays-k 4 python3 bench/arrays.py --device cuda --models minilm --k 1,2,4,8,16 \
+                --json "$out/arrays.json"
+            step arrays-contenders 4 python3 bench/arrays.py --device cuda --models minilm --k 16 \
+                --contenders-only --trainer --packing 8 --json "$out/arrays_contenders.json"
+            ;;
         *)
-            echo "usage: bash bench/gpu_session.sh speed | quality-baseline | quality-sweep FILE | full-train | check"
+            echo "usage: bash bench/gpu_session.sh speed | quality-baseline | quality-sweep FILE | full-train | check | arrays"
             exit 2
             ;;
     esac

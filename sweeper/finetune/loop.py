@@ -76,6 +76,11 @@ class LoopSettings:
     direction: str  # "maximize" or "minimize", as a study file says it (record.direction_of)
     device: torch.device
     seed: int  # the trial's seed: batch order, dropout, head initialisation
+    # The batch order's seed and first position, where they are not the trial's own: a member
+    # of a trial array (arrays.py) sees the array's batches from where it joined, and a trial
+    # alone given the same two sees the same batches. None/0 = the trial's seed, from the start.
+    batch_seed: int | None = None
+    batch_start: int = 0  # batches of the order skipped before step 0, >= 0
     pretrain_loss: str = "none"
     evals_per_epoch: int = 1  # evaluations on the validation split per epoch
     eval_every_steps: int | None = None  # instead: evaluate every N steps
@@ -269,8 +274,8 @@ def _train(
 
     freeze.set_train_mode(adapter, depth)
     while step < total_steps:
-        epoch, offset = divmod(step, batches_per_epoch)
-        order = training_batches(lengths, hyper.batch_size, seed=settings.seed * 1_000_003 + epoch)
+        epoch, offset = divmod(step + settings.batch_start, batches_per_epoch)
+        order = training_batches(lengths, hyper.batch_size, seed=batch_order_seed(settings, epoch))
         for indices, ready in _batches(data.train, order[offset:], device, settings.prefetch):
             # forward, backward, step
             _seed_step(device, settings.seed * 1_000_003 + step)  # dropout: the same on a resume
@@ -325,6 +330,12 @@ def _train(
         resumed_from_step=resumed_from,
         pretrain_loss_last=float(last_pretrain) if last_pretrain is not None else None,
     )
+
+
+def batch_order_seed(settings: LoopSettings, epoch: int) -> int:
+    """The seed of epoch ``epoch``'s batch order (``training_batches``)."""
+    seed = settings.seed if settings.batch_seed is None else settings.batch_seed
+    return seed * 1_000_003 + epoch
 
 
 def learning_rate_factor(step: int, warmup: int, total: int) -> float:

@@ -17,8 +17,9 @@ study's ``artifacts`` is ``s3://bucket/prefix``):
   trial cut off by a dead or preempted worker continues from it.
 
 Study-wide keep-top-k runs at the end of every trial and of the sweep: only the best ``k``
-complete trials keep their checkpoint files (the best is never removed), and the study
-records which trials lost theirs (user attribute ``checkpoint_deleted:<n>``). Optuna does not
+complete trials keep their checkpoint files (the best is never removed), a trial that failed,
+was pruned or was retried keeps none (a worker that died while saving leaves part of one),
+and the study records which trials lost theirs (user attribute ``checkpoint_deleted:<n>``). Optuna does not
 record which artifact store a study uses, so ``sweeper launch`` records an explicit
 ``artifacts`` setting on the study (user attribute ``artifact_store``) for readers elsewhere.
 
@@ -45,7 +46,7 @@ import torch
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper import record
+from sweeper import optuna_adapter, record
 from sweeper.errors import SweepError
 from sweeper.finetune.loop import TrainState
 
@@ -401,26 +402,48 @@ def deleted_by(study: optuna.Study, trial_number: int) -> int | None:
 
 
 def keep_top_k(study: optuna.Study, store: Any, k: int) -> list[int]:
-    """Delete the checkpoints of every complete trial outside the best ``k``; the best is
-    never deleted. Safe to run from several workers at once. Returns the trials cleaned.
+    """Delete the checkpoints of every complete trial outside the best ``k`` (the best is
+    never deleted), and every model file of a trial that did not complete. Safe to run from
+    several workers at once. Returns the trials cleaned.
 
     Only trials already told COMPLETE are ranked. Each set seen is a subset of the sweep's
     final set of trials, and a trial outside the top k of a subset is outside the top k of
     the whole, so a removal is never undone by a later trial.
+
+    A trial that failed, was pruned or was retried keeps no model: its files are those of a
+    worker that died while saving, or after saving and before telling (issue 17.6: 40 files
+    where keep=2 means 10). They are found through Optuna's artifact records, which
+    ``upload_artifact`` writes before each file, so a partial upload is found too.
     """
     trials = study.get_trials(deepcopy=False)
     gone = deleted(study)
+    doomed = record.ranked(trials, study.direction)[max(1, k):] + [
+        t for t in trials if t.state in (TrialState.FAIL, TrialState.PRUNED)]
     cleaned = []
-    for trial in record.ranked(trials, study.direction)[max(1, k):]:
+    for trial in doomed:
         if trial.number in gone:
             continue
-        if not remove_model(store, trial):
+        ids = _model_file_ids(study, trial)
+        if not ids:
+            continue  # a failed trial that never saved: nothing to remove, nothing to record
+        # A list, not a generator: every file is tried, even after one is refused.
+        if not all([_remove_quietly(store, artifact_id) for artifact_id in ids]):  # noqa: C419
             continue  # the store refused: the next clean-up tries again, so nothing is orphaned
         record.CHECKPOINT_DELETED.set(study, trial.number, k)
         cleaned.append(trial.number)
     if cleaned:
         logger.info("keep-top-%d removed the checkpoints of trials %s", k, cleaned)
     return cleaned
+
+
+def _model_file_ids(study: optuna.Study, trial: FrozenTrial) -> list[str]:
+    """Every model file of a finished ``trial``: those its checkpoint record lists, and those
+    Optuna's artifact records list (which include a partial upload). Resume states are not
+    among them: they are written to the store directly, and removed on their own terms."""
+    listed = [meta["id"] for meta in (record.CHECKPOINT.get(trial) or {}).get("files", {}).values()]
+    uploaded = [meta.artifact_id for meta in optuna.artifacts.get_all_artifact_meta(
+        trial, storage=optuna_adapter.storage_of(study))]
+    return list(dict.fromkeys(listed + uploaded))
 
 
 def tidy(study: optuna.Study, store: Any, k: int) -> None:

@@ -19,6 +19,7 @@ printed, logged or put in an error.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import random
@@ -48,6 +49,25 @@ HEARTBEAT_INTERVAL_S = 20  # a running trial's worker writes a heartbeat this of
 GRACE_PERIOD_S = 120  # a trial whose heartbeat is older than this is failed and retried
 GRPC_CONNECT_TIMEOUT_S = 60.0  # how long opening a grpc:// storage waits for `sweeper proxy`
 SCHEMA_RACE_ATTEMPTS = 8  # opening a new database while another process creates its tables
+
+
+# The pip package of a database driver SQLAlchemy may ask for, where its name differs.
+_DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "MySQLdb": "mysqlclient"}
+
+
+def with_installed_driver(url: str) -> str:
+    """``url``, with a PostgreSQL driver that is installed where it names none.
+
+    SQLAlchemy 2.1 reads a bare ``postgresql://`` as psycopg 3, and no longer knows
+    ``postgres://`` (Heroku's spelling) at all; sweeper's PostgreSQL extra installs psycopg2.
+    Without this, such a URL failed with advice to install what was already there (issue 17.8).
+    """
+    scheme, _, rest = url.partition("://")
+    if scheme not in ("postgres", "postgresql"):
+        return url
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql+psycopg2://{rest}"
+    return f"postgresql://{rest}"
 
 
 def default_sqlite_url(output_dir: Path) -> str:
@@ -156,6 +176,7 @@ def open_storage(
     """
     if url.startswith("grpc://"):
         return optuna_adapter.wrap(_open_grpc(url))
+    url = with_installed_driver(url)
     if not re.match(r"^[a-z][a-z0-9+]*://", url, re.I) and not url.startswith("sqlite"):
         raise SweepError(f"the storage URL {mask(url)!r} is not a URL: use sqlite:///PATH or "
                          "postgresql+psycopg2://USER:PASSWORD@HOST:5432/DB")
@@ -182,7 +203,8 @@ def open_storage(
                 continue
             waited = time.monotonic() - started
             if waited < optuna_adapter.RETRY_DEADLINE_S and (
-                    optuna_adapter.is_busy(exc) or (wait_for_server and optuna_adapter.is_transient(exc))):
+                    optuna_adapter.is_busy(exc) or _was_cut(exc)
+                    or (wait_for_server and optuna_adapter.is_transient(exc))):
                 logger.warning("the storage %s is not available yet (%s); trying again",
                                mask(url), mask(" ".join(str(exc).split()))[:160])
                 time.sleep(min(10.0, 0.5 * 2 ** min(attempt, 5)))
@@ -218,6 +240,23 @@ def _open_grpc(url: str) -> optuna.storages.BaseStorage:
     return proxy
 
 
+# A connection the server accepted and then closed (pg_terminate_backend, a restart): the URL is
+# right, so opening waits it out as it waits for a busy server. tests/test_faults.py found it:
+# with connections cut every 0.2-1 s, a sweep whose trials had all finished exited 2 when the
+# end of the sweep opened the storage again.
+_CUT = ("server closed the connection", "terminating connection", "connection already closed")
+
+
+def _was_cut(exc: BaseException | None) -> bool:
+    for _ in range(5):  # drivers wrap their errors: look a few causes deep
+        if exc is None:
+            return False
+        if any(s in " ".join(str(exc).split()).lower() for s in _CUT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _lost_schema_race(exc: BaseException | None) -> bool:
     # Optuna wraps some failures of its set-up (the `version_info` row's commit) in its
     # StorageInternalError: the database's own error is the cause.
@@ -244,8 +283,15 @@ def explain(exc: BaseException, url: str) -> SweepError:
         text += " " + " ".join(str(cause).split())
     lowered = text.lower()
     if isinstance(exc, ImportError) or "no module named" in lowered:
-        return SweepError(f"the storage URL {shown} needs a database driver that is not installed: "
-                          "pip install 'sweeper[postgres]' for PostgreSQL")
+        missing = re.search(r"no module named '([^'.]+)", text, re.I)
+        module = missing.group(1) if missing else ""
+        if module in ("", "psycopg2"):
+            return SweepError(f"the storage URL {shown} needs a database driver that is not installed: "
+                              "pip install 'sweeper[postgres]' for PostgreSQL")
+        package = _DRIVER_PACKAGES.get(module, module)
+        return SweepError(f"the storage URL {shown} needs the database driver {module!r}, which is not installed: "
+                          f"pip install '{package}', or use postgresql+psycopg2://USER:PASSWORD@HOST:5432/DB "
+                          "(psycopg2, the driver of pip install 'sweeper[postgres]')")
     if isinstance(exc, (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError)) or "could not parse" in lowered:
         return SweepError(f"the storage URL {shown} is not one SQLAlchemy understands: use "
                           "sqlite:///PATH or postgresql+psycopg2://USER:PASSWORD@HOST:5432/DB")
@@ -260,6 +306,9 @@ def explain(exc: BaseException, url: str) -> SweepError:
                                   "no route to host", "network is unreachable")):
         return SweepError(f"cannot reach the database at {shown}: is the server running and the "
                           "host and port right? (start it, or check --storage / SWEEPER_STORAGE)")
+    if isinstance(exc, OSError) and is_sqlite(url):  # making the SQLite file's folder failed
+        return SweepError(f"cannot create the folder of the SQLite file of {shown} ({exc.strerror or exc}): "
+                          "choose a writable place (--storage, or the study's output_dir)")
     if "unable to open database file" in lowered or "readonly database" in lowered:
         return SweepError(f"cannot open the SQLite file of {shown}: check that its folder exists "
                           "and is writable")

@@ -2,7 +2,7 @@
 
 Everything comes from the storage itself, so it works from any machine that can reach it, while
 the sweep runs or after: trial states and values from Optuna, who ran what (worker, host,
-device), progress, timings and GPU-seconds from the user attributes each trial records (see
+device), progress, timings and device-seconds from the user attributes each trial records (see
 ``objective.py``), the budget from the study's system attributes, and the held-out test figure
 from the study's user attributes (``finalize.py``). ``--json`` prints :func:`summarize` as it is,
 for scripts; the table is :func:`render` of the same data.
@@ -62,9 +62,26 @@ def summarize(study: optuna.Study, sweep: Sweep) -> dict[str, Any]:
         },
         "running": running,
         "failed": failed,
+        # Named `gpu_hours` after the budget setting it is checked against; `hours_unit` says
+        # what was measured on these trials' devices (CPU-hours on a CPU run).
         "gpu_hours": round(budget.gpu_seconds_spent(trials) / 3600, 4),
+        "hours_unit": hours_unit(trials),
         "checkpoints_kept": [t.number for t in ranked if t.number not in checkpoints.deleted(study)],
     }
+
+
+def hours_unit(trials: list[optuna.trial.FrozenTrial]) -> str:
+    """What the time spent measures: elapsed hours times devices, named after the devices the
+    trials ran on ("CPU-hours", "GPU-hours", or "device-hours" when mixed or not yet known)."""
+    kinds = {_device_kind(device) for t in trials if (device := record.DEVICE.get(t)) is not None}
+    return f"{kinds.pop()}-hours" if len(kinds) == 1 else "device-hours"
+
+
+def _device_kind(device: str) -> str:
+    """``cpu`` -> CPU; ``cuda:0`` or ``cuda (GPU 3)`` -> GPU; anything else is a device."""
+    if device == "cpu":
+        return "CPU"
+    return "GPU" if device.startswith("cuda") else "device"
 
 
 def render(s: dict[str, Any]) -> str:
@@ -74,7 +91,7 @@ def render(s: dict[str, Any]) -> str:
              f"trials  {c['finished']}/{s['budget'] or '?'} finished: {c['complete']} complete, "
              f"{c['pruned']} pruned, {c['failed']} failed ({c['retried']} more retried); "
              f"{c['running']} running, {c['waiting']} waiting",
-             f"spent   {s['gpu_hours']:.3f} GPU-hours"]
+             f"spent   {s['gpu_hours']:.3f} {s['hours_unit']}"]
     best = s["best"]
     if best:
         lines.append(f"best    trial {best['number']}: {s['metric']} {best['value']:.4f} "

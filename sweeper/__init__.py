@@ -26,6 +26,8 @@ _EXPORTS = {
     "SyntheticText": "sweeper.finetune.data",
     "ImageData": "sweeper.finetune.data",
     "SweepError": "sweeper.errors",
+    "TrialContext": "sweeper.user_train",
+    "SweeperCallback": "sweeper.hf_callback",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -37,6 +37,8 @@ from typing import Any
 
 import common
 
+from sweeper import record
+
 TINY = """
     from sweeper import Int, LogFloat, Sweep, SyntheticText, TinyTextClassifier
 
@@ -95,7 +97,7 @@ def one_launch(folder: Path, args: argparse.Namespace, mode: str) -> dict[str, A
         if trial.datetime_complete is None:
             continue
         at = trial.datetime_complete.timestamp() - started
-        pid = int(trial.user_attrs["pid"])
+        pid = int(record.PID.get(trial))
         first_by_worker[pid] = min(at, first_by_worker.get(pid, at))
     # A worker forked from a template that had touched CUDA starts afresh and says so (processes.py).
     fallbacks = sum(log.read_text(errors="replace").count("starts as a fresh interpreter instead")

@@ -76,7 +76,7 @@ class Heartbeat:
                 if self.native:
                     self.storage.record_heartbeat(self.trial_id)
                 else:
-                    self.storage.set_trial_user_attr(self.trial_id, record.HEARTBEAT_AT.key, time.time())
+                    self.storage.set_trial_system_attr(self.trial_id, record.HEARTBEAT_AT.key, time.time())
             except optuna.exceptions.UpdateFinishedTrialError:
                 return  # somebody failed the trial (a long stall): nothing left to keep alive
             except Exception as exc:  # the storage is briefly down: the next beat tries again

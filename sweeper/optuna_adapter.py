@@ -370,6 +370,11 @@ def set_study_system_attr(study: optuna.Study, key: str, value: Any) -> None:
     study._storage.set_study_system_attr(study._study_id, key, value)
 
 
+def set_trial_system_attr(trial: optuna.Trial, key: str, value: Any) -> None:
+    # Trial.set_system_attr is gone in Optuna 5; the storage still sets them.
+    trial.study._storage.set_trial_system_attr(trial._trial_id, key, value)
+
+
 def frozen(study: optuna.Study, trial: optuna.Trial | FrozenTrial) -> FrozenTrial:
     """The trial as the storage has it now."""
     return study._storage.get_trial(trial._trial_id)

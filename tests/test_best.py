@@ -151,13 +151,13 @@ def test_keep_top_k_leaves_exactly_k_checkpoint_sets_and_no_resume_state(swept: 
     assert checkpoints.deleted(study) == {t.number for t in removed}
     # The store holds the files of the k kept trials and nothing else: no resume state, no
     # file of a removed trial.
-    expected = {meta["id"] for t in kept for meta in t.user_attrs["checkpoint"]["files"].values()}
+    expected = {meta["id"] for t in kept for meta in record.CHECKPOINT.get(t)["files"].values()}
     assert swept.view.names() == expected
-    assert all(t.user_attrs.get(record.RESUME.key) is None for t in complete)
+    assert all(record.RESUME.get(t) is None for t in complete)
     # Each kept set is a full Hugging Face folder plus trial.json, listed where the dashboard
     # looks (Optuna's artifact metadata of the trial).
     for trial in kept:
-        files = trial.user_attrs["checkpoint"]["files"]
+        files = record.CHECKPOINT.get(trial)["files"]
         assert {"config.json", "model.safetensors", "tokenizer.json", "trial.json"} <= set(files)
         listed = optuna.artifacts.get_all_artifact_meta(trial, storage=study._storage)
         assert {m.filename for m in listed} == set(files)
@@ -191,7 +191,8 @@ def test_best_folder_loads_with_from_pretrained_and_reproduces_the_validation_me
     sweep = load_sweep(str(swept.study), [])
     data = prepare(sweep.data, sweep.cache_dir, sweep.seed, sweep.model.tokenizer(sweep.cache_dir),
                    sweep.model.identity())
-    batch_size = best.user_attrs["config"]["hyperparameters"]["batch_size"]
+    saved = json.loads((out / "trial.json").read_text())
+    batch_size = saved["hyperparameters"]["batch_size"]
     cpu = torch.device("cpu")
     scores = evaluate(TextAdapter(model), data.validation, cpu, sweep.bf16, data.num_labels, batch_size)
 
@@ -203,11 +204,11 @@ def test_best_folder_loads_with_from_pretrained_and_reproduces_the_validation_me
     for name, value in recorded.items():  # the loss too: the weights of that evaluation exactly
         assert scores[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
-    saved = json.loads((out / "trial.json").read_text())
     assert saved["trial"] == best.number and saved["value"] == best.value
     assert saved["best_evaluation"] == best.user_attrs["best_evaluation"]
     assert saved["params"] == best.params
-    assert saved["study"] == best.user_attrs["config"]["study"] and saved["study"]["keep"] == KEEP
+    assert saved["study"] == record.STUDY_CONFIG.get(study) and saved["study"]["keep"] == KEEP
+    assert saved["seed"] == best.user_attrs["seed"]
     assert json.loads((out / "params.json").read_text()) == best.params
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["value"] == best.value and metrics["validation"] == recorded
@@ -222,7 +223,7 @@ def test_best_folder_loads_with_from_pretrained_and_reproduces_the_validation_me
 @on_swept
 def test_corrupted_checkpoint_file_is_refused(swept: Swept, tmp_path: Path) -> None:
     best = _ranked(swept.load())[0]
-    artifact = best.user_attrs["checkpoint"]["files"]["model.safetensors"]["id"]
+    artifact = record.CHECKPOINT.get(best)["files"]["model.safetensors"]["id"]
     original = swept.view.read(artifact)
     damaged = bytearray(original)
     damaged[len(damaged) // 2] ^= 0xFF  # one flipped byte in the middle of the weights
@@ -277,7 +278,7 @@ def test_best_on_a_study_with_no_finished_trial_says_so(tmp_path: Path) -> None:
 
 
 def _trial_with_checkpoint(value: float) -> optuna.trial.FrozenTrial:
-    return optuna.create_trial(value=value, user_attrs={record.CHECKPOINT.key: {"files": {}}})
+    return optuna.create_trial(value=value, system_attrs={record.CHECKPOINT.key: {"files": {}}})
 
 
 def test_a_test_figure_becomes_best_test_only_for_the_best_trial() -> None:

@@ -85,9 +85,9 @@ def test_resume_state_round_trips_with_its_optimizer_state_and_replaces_the_prev
     trial = optuna.create_study().ask()
     state = _state()
     checkpoints.save_resume(opened, trial, state)
-    first = trial.user_attrs[record.RESUME.key]["id"]
+    first = record.RESUME.get(trial)["id"]
     checkpoints.save_resume(opened, trial, state)
-    second = trial.user_attrs[record.RESUME.key]["id"]
+    second = record.RESUME.get(trial)["id"]
     assert first != second and names() == {second}  # the state it replaces is gone
 
     loaded = checkpoints.load_resume(opened, second)
@@ -106,7 +106,7 @@ def test_resume_state_round_trips_with_its_optimizer_state_and_replaces_the_prev
 
     checkpoints.remove_resume(opened, trial)
     assert names() == set()
-    assert trial.user_attrs[record.RESUME.key] is None
+    assert record.RESUME.get(trial) is None
 
 
 def test_checkpoint_is_verified_when_handed_out(store: Store, tiny: tuple[Any, Any], tmp_path: Path) -> None:
@@ -118,7 +118,7 @@ def test_checkpoint_is_verified_when_handed_out(store: Store, tiny: tuple[Any, A
     assert names() == {meta["id"] for meta in info["files"].values()}
     listed = optuna.artifacts.get_all_artifact_meta(trial)  # what the dashboard shows
     assert {m.filename for m in listed} == set(info["files"])
-    trial.set_user_attr(record.CHECKPOINT.key, info)
+    record.CHECKPOINT.set(trial, info)
     study.tell(trial, 0.5)
     frozen = study.trials[0]
 
@@ -141,13 +141,13 @@ def _complete(study: optuna.Study, store: Any, value: float) -> int:
     artifact = f"file-{uuid.uuid4().hex}"
     store.write(artifact, io.BytesIO(b"weights"))
     info = {"files": {"model.safetensors": {"id": artifact, "sha256": "-", "bytes": 7}}}
-    study.add_trial(optuna.create_trial(value=value, user_attrs={record.CHECKPOINT.key: info}))
+    study.add_trial(optuna.create_trial(value=value, system_attrs={record.CHECKPOINT.key: info}))
     return study.trials[-1].number
 
 
 def _files(study: optuna.Study, numbers: list[int]) -> set[str]:
     trials = {t.number: t for t in study.get_trials()}
-    records = [trials[n].user_attrs[record.CHECKPOINT.key] for n in numbers]
+    records = [record.CHECKPOINT.get(trials[n]) for n in numbers]
     return {meta["id"] for record in records for meta in record["files"].values()}
 
 
@@ -156,7 +156,7 @@ def test_keep_top_k_keeps_the_best_k_complete_trials_and_never_the_best(store: S
     study = optuna.create_study(direction="maximize")
     numbers = [_complete(study, opened, v) for v in (0.6, 0.9, 0.6, 0.8, 0.7)]
     running = study.ask()  # a trial still running has a checkpoint only once it is told
-    running.set_user_attr(record.CHECKPOINT.key, {"files": {}})
+    record.CHECKPOINT.set(running, {"files": {}})
     study.add_trial(optuna.create_trial(state=optuna.trial.TrialState.PRUNED))
 
     # Ranked 1 (0.9), 3 (0.8), 4 (0.7), then the tie 0, 2 (0.6): the earlier trial first.
@@ -181,7 +181,7 @@ def test_keep_top_k_tries_again_later_when_the_store_refuses_a_removal(
     study = optuna.create_study(direction="maximize")
     for score in (0.5, 0.9):
         info = {"files": {"model.safetensors": {"id": f"file-{score}", "sha256": "-", "bytes": 1}}}
-        study.add_trial(optuna.create_trial(value=score, user_attrs={record.CHECKPOINT.key: info}))
+        study.add_trial(optuna.create_trial(value=score, system_attrs={record.CHECKPOINT.key: info}))
     assert checkpoints.keep_top_k(study, unreachable, 1) == []
     assert checkpoints.deleted(study) == set()  # not recorded as removed: its files would be orphaned
 
@@ -210,7 +210,7 @@ def test_a_checkpoint_folder_with_a_pickle_is_not_loaded_from_it(
 @pytest.mark.parametrize("name", ["pytorch_model.bin", "../config.json", "model.pt", "modeling_evil.py"])
 def test_a_checkpoint_record_naming_an_unsafe_file_is_refused(name: str, tmp_path: Path) -> None:
     info = {"files": {name: {"id": "x", "sha256": "0" * 64, "bytes": 1}}}
-    trial = optuna.create_trial(value=1.0, user_attrs={record.CHECKPOINT.key: info})
+    trial = optuna.create_trial(value=1.0, system_attrs={record.CHECKPOINT.key: info})
     with pytest.raises(SweepError, match="sweeper never writes"):
         checkpoints.download_model(None, trial, tmp_path / "out")  # refused before the store is read
     assert not (tmp_path / "out").exists()
@@ -296,7 +296,7 @@ def test_a_full_artifact_disk_fails_only_the_trial_that_cannot_write(tmp_path: P
         assert "free space on the artifact store" in reason
         if mounted:
             assert "No space left on device" in reason
-        assert record.CHECKPOINT.key not in failed.user_attrs
+        assert record.CHECKPOINT.get(failed) is None
         # Nothing of the earlier trial changed, and nothing of the failed one is left behind.
         assert {t.number: (t.state, t.value, t.user_attrs) for t in trials[:1]} == before
         assert set(os.listdir(disk)) - {"filler"} == stored

@@ -118,9 +118,9 @@ def test_dashboard_serves_the_study_its_trials_and_their_checkpoints(
         assert served[trial.number]["state"] == STATES[trial.state.name]
         if trial.value is not None:
             assert served[trial.number]["values"] == [trial.value]
-    best = min((t for t in trials if t.value == study.best_value and "checkpoint" in t.user_attrs),
+    best = min((t for t in trials if t.value == study.best_value and record.CHECKPOINT.get(t)),
                key=lambda t: t.number)
-    files = best.user_attrs["checkpoint"]["files"]
+    files = record.CHECKPOINT.get(best)["files"]
     artifacts = {a["filename"]: a["artifact_id"] for a in served[best.number]["artifacts"]}
     assert artifacts == {name: f["id"] for name, f in files.items()}
     # ...and the files themselves come from the study's artifact store, intact.
@@ -189,8 +189,8 @@ def test_dashboard_finds_an_s3_store_recorded_on_the_study(finished_sweep: dict[
     study = optuna.load_study(study_name="tiny", storage=url)
     study.set_user_attr(record.ARTIFACT_STORE.key, "s3://dashboard/sweeps/tiny")
     best = study.best_trial  # keep-top-k may have removed other trials' files by now, never the best's
-    assert "checkpoint" in best.user_attrs
-    files = best.user_attrs["checkpoint"]["files"]
+    assert record.CHECKPOINT.get(best)
+    files = record.CHECKPOINT.get(best)["files"]
     for f in files.values():  # the checkpoint as a sweep with that store would have written it
         body = (Path(finished_sweep["output_dir"]) / "artifacts" / f["id"]).read_bytes()
         client.put_object(Bucket="dashboard", Key=f"sweeps/tiny/{f['id']}", Body=body)

@@ -23,7 +23,7 @@ def _study(url: str, direction: str = "maximize", name: str = "finalize") -> opt
 
 
 def _complete(value: float, checkpoint: bool = True) -> FrozenTrial:
-    return optuna.create_trial(value=value, user_attrs={record.CHECKPOINT.key: {"files": {}}} if checkpoint else {})
+    return optuna.create_trial(value=value, system_attrs={record.CHECKPOINT.key: {"files": {}}} if checkpoint else {})
 
 
 def _with_trials(url: str, *values: float, direction: str = "maximize") -> optuna.Study:

@@ -92,7 +92,7 @@ def _mid_training(trial: FrozenTrial) -> bool:
     """Running, with a resume point saved (at least one evaluation done), in its first half:
     on a loaded machine the signal may land a few evaluations after the trial was seen."""
     progress = trial.user_attrs.get("progress", {})
-    return (trial.state == TrialState.RUNNING and record.RESUME.key in trial.user_attrs
+    return (trial.state == TrialState.RUNNING and record.RESUME.get(trial) is not None
             and progress.get("evaluation", 99) <= 4)
 
 
@@ -115,8 +115,8 @@ def test_kill_9_of_a_worker_mid_trial_resumes_the_trial_from_its_checkpoint(tmp_
     # On SQLite only, to keep the suite short: the same reaping and resume on PostgreSQL are
     # shown by tests/test_workers.py and tests/test_storage.py (a server restart mid-sweep).
     storage_url, launcher, victim = _caught_mid_trial(tmp_path)
-    saved_step = victim.user_attrs[record.RESUME.key]["step"]
-    os.kill(victim.user_attrs["pid"], signal.SIGKILL)
+    saved_step = record.RESUME.get(victim)["step"]
+    os.kill(record.PID.get(victim), signal.SIGKILL)
     out, err = launcher.communicate(timeout=240)
     assert launcher.returncode == 0, err[-3000:]
     assert "restarting it" in err
@@ -135,7 +135,7 @@ def test_kill_9_of_a_worker_mid_trial_resumes_the_trial_from_its_checkpoint(tmp_
 @pytest.mark.timeout(400)
 def test_sigterm_checkpoints_hands_back_and_the_retry_resumes_at_that_step(tmp_path: Path) -> None:
     url, launcher, victim = _caught_mid_trial(tmp_path)
-    os.kill(victim.user_attrs["pid"], signal.SIGTERM)
+    os.kill(record.PID.get(victim), signal.SIGTERM)
     out, err = launcher.communicate(timeout=240)
     assert launcher.returncode == 0, err[-3000:]
     trials = _trials(url)
@@ -159,7 +159,7 @@ def test_ctrl_c_stops_every_worker_cleanly_and_launching_again_resumes(tmp_path:
     caught = _wait_for(url, _mid_training, launcher)
     # A terminal's Ctrl-C goes to the whole foreground process group; the workers are in
     # sessions of their own, so only the launcher gets it and stops them in order.
-    assert os.getsid(caught.user_attrs["pid"]) == caught.user_attrs["pid"] != os.getsid(launcher.pid)
+    assert os.getsid(record.PID.get(caught)) == record.PID.get(caught) != os.getsid(launcher.pid)
     os.killpg(launcher.pid, signal.SIGINT)
     out, err = launcher.communicate(timeout=120)
     assert launcher.returncode == 130, err[-3000:]

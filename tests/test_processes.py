@@ -15,7 +15,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from sweeper import __version__, processes
+from sweeper import __version__, processes, record
 from sweeper.errors import SweepError
 from tests.helpers import ROOT, TINY_STUDY, run_cli, write_study
 from tests.test_launcher import _caught_mid_trial, _mid_training, _retry_of, _trials, _wait_for
@@ -70,13 +70,13 @@ def test_a_template_that_dies_while_importing_leaves_the_workers_to_fresh_interp
 @pytest.mark.timeout(400)
 def test_a_dead_template_neither_fails_its_running_workers_nor_stops_restarts(tmp_path: Path) -> None:
     url, launcher, first = _caught_mid_trial(tmp_path)
-    worker = first.user_attrs["pid"]
+    worker = record.PID.get(first)
     template = _parent_of(worker)
     assert template not in (launcher.pid, os.getpid())
     os.kill(template, signal.SIGKILL)
     # The worker goes on: its trial finishes as it would have, and it claims the next.
     later = _wait_for(url, lambda t: t.number > first.number and _mid_training(t), launcher)
-    assert later.user_attrs["pid"] == worker
+    assert record.PID.get(later) == worker
     os.kill(worker, signal.SIGKILL)  # now a restart, which needs a new template
     out, err = launcher.communicate(timeout=240)
     assert launcher.returncode == 0, err[-3000:]
@@ -86,7 +86,7 @@ def test_a_dead_template_neither_fails_its_running_workers_nor_stops_restarts(tm
     assert trials[later.number].state == TrialState.FAIL and "died" in trials[later.number].user_attrs["fail_reason"]
     retry = _retry_of(list(trials.values()), later.number)
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_step"] > 0
-    assert retry.user_attrs["pid"] != worker
+    assert record.PID.get(retry) != worker
 
 
 def test_an_unknown_start_mode_is_refused_with_the_choices(monkeypatch: pytest.MonkeyPatch) -> None:

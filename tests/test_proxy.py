@@ -160,7 +160,7 @@ def test_32_workers_through_the_proxy_finish_the_budget_exactly_on_a_few_connect
     assert len(numbers) == len(set(numbers)) == n_trials  # no trial beyond the budget, none twice
     assert all(t.state == TrialState.COMPLETE for t in trials)  # none left WAITING or RUNNING
     # Most workers ran a trial: the proxy served them at once, not one after another.
-    assert len({t.user_attrs[record.PID.key] for t in trials}) >= n_workers // 2
+    assert len({record.PID.get(t) for t in trials}) >= n_workers // 2
     # Direct to PostgreSQL, each worker holds about 2 connections (64 here); the proxy holds
     # its fixed pool whatever the number of workers.
     assert 1 <= connections.peak <= proxy_module.PROXY_POOL_SIZE == 6, connections.samples
@@ -176,13 +176,13 @@ def test_a_killed_worker_behind_the_proxy_has_its_trial_failed_and_retried_by_th
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # until its trial is running and beating
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if running and record.HEARTBEAT_AT.key in running[0].user_attrs:
+        if running and record.HEARTBEAT_AT.get(running[0]) is not None:
             break
         time.sleep(0.2)
     else:
         pytest.fail((tmp_path / "slow.log").read_text()[-2000:])
     victim = running[0]
-    assert victim.user_attrs[record.PID.key] == slow.pid
+    assert record.PID.get(victim) == slow.pid
     slow.send_signal(signal.SIGKILL)
     slow.wait()
 
@@ -218,7 +218,7 @@ def test_workers_ride_out_a_restart_of_the_proxy(proxies: Proxies, tmp_path: Pat
     try:
         # Stop the proxy while the worker is inside a trial, after its first one finished.
         while not (study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                   and any(record.HEARTBEAT_AT.key in t.user_attrs
+                   and any(record.HEARTBEAT_AT.get(t) is not None
                            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))):
             time.sleep(0.1)
         first.process.send_signal(signal.SIGTERM)  # calls in flight finish; new ones are refused
@@ -265,7 +265,7 @@ def test_launch_through_the_proxy_runs_the_real_sweep(proxies: Proxies, tmp_path
     study = optuna.load_study(study_name="tiny", storage=storage.open_storage(proxy.url))
     assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.COMPLETE] * 2
     # The workers kept the attribute heartbeat, since the proxy has no native one.
-    assert all(record.HEARTBEAT_AT.key in t.user_attrs for t in study.get_trials(deepcopy=False))
+    assert all(record.HEARTBEAT_AT.get(t) is not None for t in study.get_trials(deepcopy=False))
     status = run_cli("status", str(study_file), "--json", env={"SWEEPER_STORAGE": proxy.url})
     assert status.returncode == 0 and '"complete": 2' in status.stdout, status.stderr
 

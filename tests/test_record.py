@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.study import StudyDirection
@@ -48,7 +53,7 @@ def test_ranking_puts_the_best_first_ties_to_the_earlier_and_needs_a_checkpoint_
     study = optuna.create_study(direction="maximize")
     for value, checkpoint in [(0.5, True), (0.9, False), (0.7, True), (0.7, True)]:
         attrs = {record.CHECKPOINT.key: {"files": {}}} if checkpoint else {}
-        study.add_trial(optuna.create_trial(value=value, user_attrs=attrs))
+        study.add_trial(optuna.create_trial(value=value, system_attrs=attrs))
     study.add_trial(optuna.create_trial(state=TrialState.PRUNED, intermediate_values={1: 1.0}))
     trials = study.get_trials()
     assert [t.number for t in record.ranked(trials, StudyDirection.MAXIMIZE)] == [2, 3, 0]
@@ -74,3 +79,25 @@ def test_fields_read_and_write_trials_and_studies() -> None:
     assert record.VALIDATION.items(frozen) == {"accuracy": 0.8}
     assert (record.FAIL_REASON.get(frozen), record.WORKER.get(frozen, -1)) == ("a reason", -1)
     assert record.TEST.get(study, 3) == {"accuracy": 0.7} and record.TEST.key(3) == "test:3"
+
+
+def test_what_a_person_reads_on_a_trial_is_short_and_the_configuration_is_on_the_study_once(
+        finished_sweep: dict[str, Any]) -> None:
+    """Issue 18.9: every trial carried the whole configuration and every checkpoint hash as user
+    attributes (2,340 characters a trial, an `optuna trials` table 2,556 wide). Now the study
+    holds the configuration once, and what only machines read is in system attributes."""
+    storage = optuna.storages.RDBStorage(str(finished_sweep["url"]))
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    trials = study.get_trials()
+    assert trials and all(t.state.is_finished() for t in trials)
+    for trial in trials:
+        assert len(json.dumps(trial.user_attrs)) < 400, trial.user_attrs
+        assert all(len(json.dumps(value)) < 80 for value in trial.user_attrs.values()), trial.user_attrs
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert all(record.CHECKPOINT.get(t)["files"] for t in complete if t.number in {r.number for r in record.ranked(
+        trials, study.direction)})
+    assert record.STUDY_CONFIG.get(study)["name"] == "tiny" and not study.user_attrs.get("config")
+    table = subprocess.run([str(Path(sys.executable).with_name("optuna")), "trials", "--study-name", "tiny", "--storage",
+                            str(finished_sweep["url"])], capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr
+    assert max(len(line) for line in table.stdout.splitlines()) < 700, table.stdout

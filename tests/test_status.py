@@ -11,6 +11,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from sweeper import record
 from sweeper.storage import open_storage
 from tests.helpers import run_cli
 
@@ -69,7 +70,7 @@ def test_status_json_agrees_with_the_storage(finished_sweep: dict[str, Any], sto
     finished_gpu_s = sum(t.user_attrs.get("gpu_seconds", 0.0) for t in trials if t.state.is_finished())
     assert summary["gpu_hours"] >= round(finished_gpu_s / 3600, 4) > 0
     deleted = {int(k.split(":", 1)[1]) for k in study.user_attrs if k.startswith("checkpoint_deleted:")}
-    kept = sorted((t for t in by_state[TrialState.COMPLETE] if "checkpoint" in t.user_attrs
+    kept = sorted((t for t in by_state[TrialState.COMPLETE] if record.CHECKPOINT.get(t)
                    and t.number not in deleted), key=lambda t: (-t.value, t.number))
     assert summary["checkpoints_kept"] == [t.number for t in kept]
 

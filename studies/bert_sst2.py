@@ -19,7 +19,8 @@ from sweeper import Int, LogFloat, Sweep, TextClassifier, TextData
 sweep = Sweep(
     name="bert-sst2",
     model=TextClassifier("bert-base-uncased"),
-    data=TextData("glue/sst2", train="train", test="validation", max_length=128),
+    data=TextData("glue/sst2", train="train", test="validation", max_length=128,
+                  label_names=("negative", "positive")),  # also when --set data= names the TSV folder
     space={
         "learning_rate": LogFloat(1e-6, 1e-3),
         "weight_decay": LogFloat(1e-6, 1e-1),

@@ -17,6 +17,7 @@ import os
 import platform
 import socket
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +65,23 @@ def _open_study(args: argparse.Namespace, sweep: Any) -> Any:
                          f"`sweeper launch {args.study}` first") from None
 
 
+def check_port(flag: str, port: int) -> None:
+    """A port a server can listen on (issue 17.8: 70000 ended in a traceback)."""
+    if not 0 <= port <= 65535:
+        raise SweepError(f"`{flag}` is {port}: use a port from 1 to 65535, or 0 for any free one")
+
+
+def check_out(out: Path, *, folder: bool) -> None:
+    """``--out`` before anything is read or written: a folder to write (``best``, ``deploy``)
+    must not be an existing file, and no path may lie under a file (issue 17.8)."""
+    for above in out.parents:
+        if above.exists() and not above.is_dir():
+            raise SweepError(f"`--out {out}` lies under {above}, which is a file: choose a path in a folder")
+    if folder and out.exists() and not out.is_dir():
+        raise SweepError(f"`--out {out}` is a file: give a folder to write into (created if missing), "
+                         "or remove the file first")
+
+
 def _setup_logging(verbose: int, prefix: str = "") -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
@@ -87,9 +105,16 @@ def _examples(*lines: str) -> str:
 def _command(sub: _Subparsers, name: str, run: Callable[[argparse.Namespace], int] | None, help: str, *,
              examples: Sequence[str], description: str | None = None,
              parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
-    """The parser of ``sweeper NAME``, run by ``run``; its help ends with ``examples``."""
+    """The parser of ``sweeper NAME``, run by ``run``; its help ends with ``examples``.
+
+    Every command has a description (``help`` stands in when none is given), wrapped here
+    since the raw formatter that keeps the examples' lines also leaves it unwrapped."""
+    text = description or f"{help[0].upper()}{help[1:]}."
     parser = sub.add_parser(name, help=help, formatter_class=argparse.RawDescriptionHelpFormatter,
-                            description=description, epilog=_examples(*examples), parents=list(parents))
+                            description=textwrap.fill(text, 88), epilog=_examples(*examples),
+                            parents=list(parents))
+    # The innermost command's parser wins (`deploy k8s` over `deploy`): its usage is the one to show.
+    parser.set_defaults(command_parser=parser)
     if run is not None:
         parser.set_defaults(func=run)
     return parser
@@ -127,7 +152,8 @@ _WORKERS.add_argument("--keep", type=int, metavar="K",
 _BUDGET = _flags()  # the global budget, set where the study is created: `launch` and `create`
 _BUDGET.add_argument("--n-trials", type=int, metavar="N", help="trials in all, across every worker and machine")
 _BUDGET.add_argument("--timeout", type=float, metavar="S", help="no new trial starts after S seconds")
-_BUDGET.add_argument("--gpu-hours", type=float, metavar="H", help="no new trial starts once H GPU-hours are spent")
+_BUDGET.add_argument("--gpu-hours", type=float, metavar="H",
+                     help="no new trial starts once H device-hours are spent (GPU-hours; CPU-hours on a CPU)")
 
 _VERBOSE = _flags()
 _VERBOSE.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
@@ -153,6 +179,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     sweep = _load(args)
     blocks = study.check_model_fit(sweep, args.study)
+    if sweep.train is not None:
+        print(f"{args.study}: OK (its own train function {sweep.to_dict()['train']}; space "
+              f"{', '.join(sweep.space)}; {sweep.metric}, {sweep.direction}, {sweep.n_trials} trials)")
+        return 0
     check_source(sweep.data)
     sampler_study = optuna.create_study(direction=sweep.direction,
                                         sampler=optuna.samplers.RandomSampler(seed=sweep.seed))
@@ -181,7 +211,8 @@ def _add_launch(sub: _Subparsers) -> None:
                          "machine until the budget is spent. Ctrl-C stops cleanly; launching "
                          "again resumes. Workers are forked from a template process that "
                          "imports PyTorch once (SWEEPER_WORKER_START=fresh: a new interpreter "
-                         "each).",
+                         "each). Exit code 0: the budget is spent and a trial completed; 1: every "
+                         "trial failed; 2: bad input (one line says what); 130: stopped with Ctrl-C.",
              parents=[_STUDY, _STORAGE, _WORKERS, _VERBOSE, _BUDGET],
              examples=["sweeper launch studies/quickstart.py --workers 2",
                        "sweeper launch studies/bert_sst2.py --workers 8 --workers-per-gpu 2",
@@ -190,7 +221,7 @@ def _add_launch(sub: _Subparsers) -> None:
 
 def cmd_launch(args: argparse.Namespace, join: bool = False) -> int:
     from sweeper import processes, study
-    from sweeper.launcher import Launcher, LaunchOptions
+    from sweeper.launcher import Launcher, LaunchOptions, finish_spent_budget
     from sweeper.storage import mask
 
     if args.keep is not None:  # the study's `keep`, overridden for this machine's workers too
@@ -208,14 +239,22 @@ def cmd_launch(args: argparse.Namespace, join: bool = False) -> int:
         gpu_hours=getattr(args, "gpu_hours", None), join=join, heartbeat_interval=args.heartbeat,
         grace_period=args.grace, progress=sys.stderr,
     )
+    spent = finish_spent_budget(sweep, options, say=lambda line: print(f"sweeper: {line}", file=sys.stderr))
+    if spent is not None:
+        return spent  # nothing left to run: no model check, no tokenising, no worker
     launcher = Launcher(sweep, options, starter)
     if not join:
         study.check_model_fit(sweep, args.study)
+    if sweep.train is None and (not sweep.cache_dir.is_dir() or not any(sweep.cache_dir.iterdir())):
+        # The first launch's longest silence (issue 18.3): say what it is doing, and that it is once.
+        print(f"sweeper: preparing {sweep.name!r} (first launch): building the model and tokenising the data "
+              f"into {sweep.cache_dir}; later launches read them back", file=sys.stderr, flush=True)
     # Tokenise here, once, before any worker starts: a missing data set is one line now rather
     # than a failed trial per worker, and the workers start from the cache.
     from sweeper.objective import prepare_data
 
-    prepare_data(sweep)
+    if sweep.train is None:  # a study's own train function reads its own data
+        prepare_data(sweep)
     devices = sorted({s.gpu for s in launcher.slots if s.gpu is not None})
     where = f"GPU {','.join(devices)}" if devices else "CPU"
     print(f"sweeper: {'joining' if join else 'launching'} {sweep.name!r} with {len(launcher.slots)} "
@@ -238,6 +277,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def _add_status(sub: _Subparsers) -> None:
     parser = _command(sub, "status", cmd_status, "trials by state, the best so far, what is running",
+                      description="Read the study back from its storage: trials by state, the device-hours "
+                                  "spent, the best trial with its parameters and held-out test figure, "
+                                  "each running trial with its worker, host, device and progress, and "
+                                  "why trials failed. Works while the sweep runs or after it, from any "
+                                  "machine that reaches the storage.",
                       parents=[_STUDY, _STORAGE],
                       examples=["sweeper status studies/quickstart.py", "sweeper status studies/quickstart.py --json"])
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -262,24 +306,76 @@ def _add_best(sub: _Subparsers) -> None:
                                   "the model's own loader opens (from_pretrained for text models), with "
                                   "params.json and metrics.json. Works while the sweep runs. Each file's "
                                   "SHA-256 is checked against the one recorded when it was saved; a "
-                                  "corrupt or missing file is refused and nothing is written.",
-                      parents=[_STUDY, _STORAGE],
+                                  "corrupt or missing file is refused and nothing is written. --soup "
+                                  "writes the weight soup of the kept trials instead; --seeds N first "
+                                  "trains the configuration again with N other seeds (workers run here, "
+                                  "as for `launch`) and reports the spread of its figures.",
+                      parents=[_STUDY, _STORAGE, _WORKERS, _VERBOSE],
                       examples=["sweeper best studies/quickstart.py --out best/",
-                                "sweeper best studies/bert_sst2.py --out best/ --evaluate",
+                                "sweeper best studies/bert_sst2.py --out soup/ --soup greedy --evaluate",
+                                "sweeper best studies/bert_sst2.py --out best/ --seeds 3 --workers 2",
                                 "sweeper best studies/bert_sst2.py --out t7/ --trial 7"])
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to write (created if missing)")
     parser.add_argument("--trial", type=int, metavar="N", help="this trial instead of the best")
     parser.add_argument("--evaluate", action="store_true", help="also score it on the held-out test split")
+    parser.add_argument("--soup", nargs="?", const="greedy", choices=("greedy", "uniform"),
+                        help="write the weight soup of the kept trials instead (default greedy: each trial, "
+                             "best first, stays only if the validation figure does not drop), with soup.json")
+    parser.add_argument("--seeds", type=int, metavar="N",
+                        help="first train the chosen trial's configuration again with N other seeds (budgeted "
+                             "trials, run by workers here as `launch` runs them); report mean and spread of "
+                             "validation and test, and write seeds.json")
 
 
 def cmd_best(args: argparse.Namespace) -> int:
     from sweeper import best
 
+    check_out(Path(args.out), folder=True)
+    if args.keep is not None:  # as for `launch`: the seed trials' workers keep K
+        args.set = [*(args.set or []), f"keep={args.keep}"]
     sweep = _load(args)
     study = _open_study(args, sweep)
-    result = best.export(sweep, study, Path(args.out), trial_number=args.trial, evaluate=args.evaluate)
+    if args.soup and args.trial is not None:
+        raise SweepError("--soup averages the kept trials, --trial picks one: give one of them")
+    seeds = None
+    if args.seeds is not None:
+        seeds = _run_seed_trials(args, sweep, study)
+    if args.soup:
+        result = best.export_soup(sweep, study, Path(args.out), args.soup, evaluate=args.evaluate)
+    else:
+        trial = seeds["trial"] if seeds else args.trial
+        result = best.export(sweep, study, Path(args.out), trial_number=trial, evaluate=args.evaluate)
     print(result)
+    if seeds:
+        (Path(args.out) / "seeds.json").write_text(json.dumps(seeds, indent=1))
+        print(best.seeds_line(sweep, seeds))
     return 0
+
+
+def _run_seed_trials(args: argparse.Namespace, sweep: Any, study: Any) -> dict[str, Any]:
+    """`best --seeds N`: queue the repeats as tickets, run workers as `launch` does, score them."""
+    from sweeper import best, processes
+    from sweeper.launcher import Launcher, LaunchOptions
+    from sweeper.objective import prepare_data
+
+    original, total = best.queue_seeds(sweep, study, args.seeds, args.trial)
+    starter = processes.starter()
+    starter.warm_up()
+    options = LaunchOptions(
+        study_path=args.study, overrides=args.set or [], url=_url(args, sweep), workers=args.workers,
+        workers_per_gpu=args.workers_per_gpu,
+        gpus=[g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None,
+        n_trials=total, heartbeat_interval=args.heartbeat, grace_period=args.grace, progress=sys.stderr,
+    )
+    launcher = Launcher(sweep, options, starter)
+    prepare_data(sweep)
+    print(f"sweeper: training trial {original.number}'s configuration with {args.seeds} other seeds "
+          f"(budget now {total} trials); logs in {launcher.logs}", file=sys.stderr)
+    code = launcher.run()
+    if code:
+        raise SweepError(f"the seed trials' workers stopped (exit code {code}): run the same command again "
+                         "to finish them")
+    return best.seed_figures(sweep, study, original)
 
 
 def _add_dashboard(sub: _Subparsers) -> None:
@@ -304,6 +400,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from sweeper import dashboard
     from sweeper.storage import mask
 
+    check_port("--port", args.port)
     sweep = _load(args)
     url = _url(args, sweep)
     board = dashboard.start(sweep, url, host=args.host, port=args.port)
@@ -321,7 +418,7 @@ def _add_report(sub: _Subparsers) -> None:
                       description="Write one self-contained HTML file (plotly.js inlined: it opens "
                                   "offline): optimisation history, importances, parallel coordinates, "
                                   "pruning curves, the metric over λ and unfreeze depth, timings, "
-                                  "GPU-hours, and the best trial with its held-out test figure.",
+                                  "device-hours, and the best trial with its held-out test figure.",
                       parents=[_STUDY, _STORAGE],
                       examples=["sweeper report studies/quickstart.py --out report.html",
                                 "sweeper report studies/bert_sst2.py --storage postgresql+psycopg2://u:p@db/sweeps --out bert.html"])
@@ -333,6 +430,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Write the sweep's report: one HTML file that opens offline."""
     from sweeper import report
 
+    if args.out:
+        check_out(Path(args.out), folder=False)
     sweep = _load(args)
     study = _open_study(args, sweep)
     out = Path(args.out) if args.out else sweep.output_path / "report.html"
@@ -356,8 +455,8 @@ def _add_create(sub: _Subparsers) -> None:
 
 def cmd_create(args: argparse.Namespace) -> int:
     """Create the study (or resume it) and set its budget; start no worker."""
-    from sweeper import study
-    from sweeper.launcher import LaunchOptions, prepare_study
+    from sweeper import record, study
+    from sweeper.launcher import LaunchOptions, budget_note, prepare_study
     from sweeper.storage import mask
 
     sweep = _load(args)
@@ -365,9 +464,11 @@ def cmd_create(args: argparse.Namespace) -> int:
     url = _url(args, sweep)
     options = LaunchOptions(study_path=args.study, overrides=args.set or [], url=url, n_trials=args.n_trials,
                             timeout=args.timeout, gpu_hours=args.gpu_hours)
-    prepare_study(sweep, options)
+    created = prepare_study(sweep, options)
+    note = budget_note(created, sweep, options)  # a budget never shrinks: say what it is
     print(f"sweeper: study {sweep.name!r} is ready in {mask(url)} with a budget of "
-          f"{args.n_trials or sweep.n_trials} trials; workers join it with `sweeper worker {args.study}`")
+          f"{record.N_TRIALS.get(created)} trials; workers join it with `sweeper worker {args.study}`"
+          + (f" ({note})" if note else ""))
     return 0
 
 
@@ -405,6 +506,12 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     if not url:
         raise SweepError("`sweeper proxy` needs the database URL: pass --storage "
                          f"postgresql+psycopg2://USER:PASSWORD@HOST:5432/DB or set {ENV_STORAGE}")
+    check_port("--port", args.port)
+    problems = ([f"`--threads` is {args.threads}: use 1 or more"] if args.threads < 1 else []) + (
+        [f"`--grace` is {args.grace:g} s: use more than the workers' heartbeat interval (20 s unless "
+         "they set --heartbeat)"] if args.grace <= 0 else [])
+    if problems:
+        raise SweepError("; ".join(problems))
     shown = "localhost" if args.host in ("127.0.0.1", "localhost", "::1") else "THIS_HOST"
     print(f"sweeper: storage proxy for {mask(url)} on {args.host}:{args.port} ({args.threads} threads; "
           f"trials without a heartbeat for {args.grace:g}s are failed and retried); workers use "
@@ -428,6 +535,12 @@ def _add_deploy(sub: _Subparsers) -> None:
     targets = deploy.add_subparsers(dest="target", metavar="TARGET", required=True)
     # No --storage: the pods read the URL from a Kubernetes Secret (sweeper.deploy).
     k8s = _command(targets, "k8s", cmd_deploy, "Kubernetes manifests", parents=[_STUDY],
+                   description="Render the Kubernetes manifests of one sweep, one file per part with "
+                               "--out or one stream on stdout: PostgreSQL (unless --external-db), a "
+                               "shared volume, the study file in a ConfigMap, a Job that creates the "
+                               "study, the workers as an Indexed Job with one GPU each, the dashboard, "
+                               "and with --proxy the storage proxy. Secrets are never written: the pods "
+                               "read the database URL from the Secret sweeper-storage.",
                    examples=["sweeper deploy k8s studies/bert_sst2.py --workers 16 --out k8s/"])
     k8s.add_argument("--workers", type=int, required=True, metavar="N", help="worker pods, one GPU each")
     k8s.add_argument("--workers-per-gpu", type=int, default=1, metavar="K", help="trials sharing each GPU (default 1)")
@@ -446,6 +559,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     """Render the Kubernetes manifests of one sweep."""
     from sweeper import deploy
 
+    if args.out:
+        check_out(Path(args.out), folder=True)
     sweep = _load(args)
     options = deploy.K8sOptions(
         study_file=Path(args.study), sweep_name=sweep.name, workers=args.workers, image=args.image,
@@ -463,7 +578,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def _add_env(sub: _Subparsers) -> None:
-    _command(sub, "env", cmd_env, "versions, GPUs and storage: what a bug report needs", examples=["sweeper env"])
+    _command(sub, "env", cmd_env, "versions, GPUs and storage: what a bug report needs",
+             description="Print what a bug report needs: the versions of sweeper, Python and its "
+                         "libraries, the GPUs PyTorch sees, and the environment variables sweeper "
+                         "reads (a password in SWEEPER_STORAGE is masked).",
+             examples=["sweeper env"])
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -499,7 +618,10 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 def _add_work(sub: _Subparsers) -> None:
     # Not listed in `sweeper --help` (no help=): the launcher starts it, with these flags.
-    parser = sub.add_parser("_work", parents=[_STUDY, _STORAGE])
+    parser = sub.add_parser("_work", parents=[_STUDY, _STORAGE],
+                            description="One worker process, started by `sweeper launch` and `sweeper "
+                                        "worker` (not meant to be run by hand).")
+    parser.set_defaults(command_parser=parser)
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--gpu")
     parser.add_argument("--join", action="store_true")
@@ -555,13 +677,33 @@ def _find_study(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
     """``--set a=1 studies/x.py`` hands the study path to --set: take it back from there."""
     paths = [value for value in args.set or [] if "=" not in value]
     if len(paths) != 1:
-        parser.error(f"`sweeper {args.command}` needs the study file, e.g. "
-                     f"`sweeper {args.command} studies/quickstart.py --set epochs=1`")
+        # The command's own usage and example (`sweeper deploy k8s ...`), not the top level's.
+        command = getattr(args, "command_parser", parser)
+        command.print_usage(sys.stderr)
+        examples = (command.epilog or "").split("examples:\n", 1)[-1].splitlines()
+        example = examples[0].strip() if examples and examples[0].strip() else f"{command.prog} STUDY.py"
+        print(f"sweeper: error: `{command.prog}` needs the study file, e.g. `{example}`", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
     args.study = paths[0]
     args.set.remove(paths[0])
 
 
+def _hide_passwords_from_ps() -> None:
+    """A password typed on the command line (``--storage postgresql://u:pw@...``) is masked in
+    this process's title, which ``ps`` and ``/proc/PID/cmdline`` show to every user of the
+    machine. (It is visible from the start of the process until here; the environment,
+    ``SWEEPER_STORAGE``, never shows it.)"""
+    from sweeper.redact import mask
+
+    shown = [mask(arg) for arg in sys.argv]
+    if shown != sys.argv:
+        import setproctitle
+
+        setproctitle.setproctitle(" ".join(shown))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _hide_passwords_from_ps()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -581,6 +723,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sweeper: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `sweeper status ... | head` closed the pipe: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -56,7 +56,9 @@ def record_test(study: optuna.Study, trial_number: int, scores: dict[str, float]
 
 
 def finish(sweep: Sweep, url: str, say: Callable[[str], None] = logger.info) -> None:
-    storage = open_storage(url, heartbeat_interval=None, grace_period=None, create_tables=False)
+    # The sweep has just run on this storage: a server that is restarting is waited for.
+    storage = open_storage(url, heartbeat_interval=None, grace_period=None, create_tables=False,
+                           wait_for_server=True)
     try:
         _finish(sweep, optuna.load_study(study_name=sweep.name, storage=storage), say)
     finally:
@@ -72,8 +74,14 @@ def _finish(sweep: Sweep, study: optuna.Study, say: Callable[[str], None]) -> No
         say("no trial completed, so there is no best trial: see `sweeper status` for the reasons")
         return
     best = ranked[0]
+    if sweep.train is not None:  # the function's model and test data are its own: sweeper cannot score them
+        say(f"best trial {best.number}: validation {sweep.metric} {best.value:.4f}; params "
+            f"{_resolved_params(sweep, best)} (a `train` study's held-out test is the function's to score)")
+        return
     scores = record.TEST.get(study, best.number)
     if scores is None:
+        # Scoring can take a minute on a CPU (BERT on SST-2's 872 sentences): say what this wait is.
+        say(f"scoring the best trial, {best.number}, on the held-out test split (once, for it alone)")
         try:
             scores = evaluate_on_test(sweep, store, best)
         except SweepError as exc:

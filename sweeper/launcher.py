@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import optuna
 
-from sweeper import budget, checkpoints, finalize, liveness, optuna_adapter, processes, record
+from sweeper import budget, checkpoints, configuration, finalize, liveness, optuna_adapter, processes, record
 from sweeper import space as space_mod
 from sweeper import storage as storage_mod
 from sweeper.errors import SweepError
@@ -41,6 +43,7 @@ RESTART_LIMIT = 10  # restarts of one worker slot before the launcher gives up o
 QUICK_DEATH_S = 60.0  # a worker that dies this soon after starting is crash-looping
 QUICK_DEATH_LIMIT = 3  # ... and after this many such deaths in a row the sweep stops
 EXIT_USAGE = 2  # a worker exits with this when the study itself is wrong: never restart
+EXIT_NOTHING_COMPLETED = 1  # the launcher's exit code when trials failed and none completed
 STOP_TIMEOUT_S = 120.0  # after Ctrl-C, how long workers get to hand their trials back
 
 
@@ -136,6 +139,7 @@ def prepare_study(sweep: Sweep, options: LaunchOptions) -> optuna.Study:
         except KeyError:
             raise SweepError(f"the study {sweep.name!r} does not exist in {mask(options.url)}: start it "
                              f"with `sweeper launch {options.study_path}` first, then join") from None
+        configuration.record_or_check(study, sweep, options.study_path)
         return study
     # Creating a study is not repeated by the storage (a lost answer would make the repeat
     # fail as a duplicate); with load_if_exists the whole call is safe to repeat.
@@ -146,11 +150,12 @@ def prepare_study(sweep: Sweep, options: LaunchOptions) -> optuna.Study:
         raise SweepError(f"the study {sweep.name!r} in {mask(options.url)} already exists with direction "
                          f"{study.direction.name.lower()}, but the study file says {sweep.direction}: use "
                          "another `name` for a new sweep")
-    record.STUDY_CONFIG.set(study, sweep.to_dict())
+    configuration.record_or_check(study, sweep, options.study_path)  # before a ticket is added
     checkpoints.record_location(study, sweep)  # Optuna does not record the artifact store
     n_trials = options.n_trials or sweep.n_trials
     first, _ = space_mod.first_trial_params(sweep.space, sweep.first_trials)  # checked when the study loaded
     added = budget.ensure_tickets(study, n_trials, first)
+    n_trials = record.N_TRIALS.get(study) or n_trials  # the budget in effect: it never shrinks
     timeout = options.timeout or sweep.timeout
     gpu_hours = options.gpu_hours or sweep.gpu_hours
     record.DEADLINE.set(study, time.time() + timeout if timeout else None)
@@ -181,7 +186,8 @@ class Launcher:
         env.setdefault("SWEEPER_THREADS", str(max(1, (os.cpu_count() or 1) // len(self.slots))))
         argv = ["_work", self.options.study_path, "--index", str(slot.index)]
         for item in self.options.overrides:
-            argv += ["--set", item]
+            if item.partition("=")[0].strip() != "storage":  # the URL goes by the environment, above
+                argv += ["--set", item]
         if slot.gpu is not None:
             argv += ["--gpu", slot.gpu]
         if self.options.join:
@@ -246,6 +252,8 @@ class Launcher:
 
     def run(self) -> int:
         study = prepare_study(self.sweep, self.options)
+        if not self.options.join and (note := budget_note(study, self.sweep, self.options)):
+            self._say(note)
         grace = self.options.grace_period or storage_mod.GRACE_PERIOD_S
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         interrupts = {"count": 0}
@@ -275,7 +283,12 @@ class Launcher:
         self._show_progress(study, final=True)
         if self.stopping:
             return 130
-        finalize.finish(self.sweep, self.options.url, say=self._say)
+        failures = failures_line(study.get_trials(deepcopy=False))
+        # When nothing completed, finalize has only "no best trial" to say: the failures say more.
+        finalize.finish(self.sweep, self.options.url, say=self._say if failures is None else _silent)
+        if failures is not None:
+            self._say(failures)
+            return EXIT_NOTHING_COMPLETED
         return 0
 
     def _wait_or_kill(self, seconds: float) -> None:
@@ -348,6 +361,11 @@ class Launcher:
         line = progress_line(trials, study.direction, time.time() - self.started)
         alive = sum(1 for s in self.slots if s.process is not None and s.process.poll() is None)
         line += f" | {alive} worker{'s' if alive != 1 else ''}"
+        # Until the first trial runs, workers load the study, the data and the model: say so.
+        self._trial_seen = self._trial_seen or any(
+            t.datetime_start is not None and t.datetime_start.timestamp() >= self.started for t in trials)
+        if alive and not self._trial_seen:
+            line += " starting (loading the data and the model)"
         if stream.isatty():
             stream.write("\r\033[K" + line + ("\n" if final else ""))
         else:
@@ -360,6 +378,85 @@ class Launcher:
 
     _last_key = ""
     _last_print = 0.0
+    _trial_seen = False  # whether a trial of this launch's workers has been seen running
+
+
+def budget_note(study: optuna.Study, sweep: Sweep, options: LaunchOptions) -> str | None:
+    """The truth when the budget asked for is below what the study holds already (issue 17.7):
+    tickets queued or run are never taken back, so the budget in effect is the larger."""
+    asked = options.n_trials or sweep.n_trials
+    in_effect = record.N_TRIALS.get(study)
+    if in_effect is None or in_effect <= asked:
+        return None
+    source = f"--n-trials {asked}" if options.n_trials else f"the study's n_trials ({asked})"
+    return (f"{source} is below the {in_effect} trials the study {sweep.name!r} already has queued or run, "
+            f"so its budget stays {in_effect}: a budget only grows (raise it with --n-trials above "
+            f"{in_effect}, or give the study another `name` for a smaller sweep)")
+
+
+def finish_spent_budget(sweep: Sweep, options: LaunchOptions, say: Callable[[str], None]) -> int | None:
+    """A sweep launched again after its whole budget finished (issue 18.5): say so, and how to
+    extend it, instead of starting workers that would find nothing to run; return the exit code
+    the launch would have ended with. None, with nothing said, when there is something to run:
+    a larger ``--n-trials``, trials waiting or running, or no study yet (nothing is created here)."""
+    if options.url.startswith("sqlite:///") and not Path(options.url[len("sqlite:///"):]).exists():
+        return None
+    storage = open_storage(options.url, heartbeat_interval=None, grace_period=None, create_tables=not options.join)
+    try:
+        try:
+            study = optuna.load_study(study_name=sweep.name, storage=storage)
+        except KeyError:
+            return None
+        return _say_spent(sweep, options, study, say)
+    finally:
+        storage.dispose()
+
+
+def _say_spent(sweep: Sweep, options: LaunchOptions, study: optuna.Study, say: Callable[[str], None]) -> int | None:
+    trials = study.get_trials(deepcopy=False)
+    tally = budget.tally(trials)
+    n_trials = max(options.n_trials or sweep.n_trials, record.N_TRIALS.get(study) or 0)  # a budget only grows
+    if tally.waiting or tally.running or tally.finished < n_trials:
+        return None
+    configuration.record_or_check(study, sweep, options.study_path)  # a changed study file is still refused
+    best = record.best(trials, study.direction)
+    best_text = f"; best trial {best.number}: {sweep.metric} {best.value:.4f}" if best else ""
+    again = ["sweeper", "create" if options.join else "launch", options.study_path]
+    if options.overrides:
+        again += ["--set", *options.overrides]
+    say(f"the study {sweep.name!r} has spent its budget: {tally.finished} of {n_trials} trials finished "
+        f"({tally.complete} complete, {tally.pruned} pruned, {tally.failed} failed){best_text}; no worker "
+        f"was started. To run {n_trials} more, raise the budget (trials in all): "
+        f"`{shlex.join([*again, '--n-trials', str(2 * n_trials)])}`")
+    if (failures := failures_line(trials)) is not None:
+        say(failures)
+        return EXIT_NOTHING_COMPLETED  # as the launch that ran them ended
+    scored = record.BEST_TEST.get(study)
+    if best is not None and (scored is None or scored.get("trial") != best.number):
+        finalize.finish(sweep, options.url, say=say)  # the last launch stopped before it scored the best
+    return 0
+
+
+def failures_line(trials: list[optuna.trial.FrozenTrial]) -> str | None:
+    """One line naming the failures when trials failed and none completed; None otherwise."""
+    tally = budget.tally(trials)
+    if tally.complete or not tally.failed:
+        return None
+    replaced = budget.superseded(trials)
+    by_reason: dict[str, list[str]] = {}
+    for t in trials:
+        if t.state == optuna.trial.TrialState.FAIL and t.number not in replaced:
+            reason = " ".join(str(record.FAIL_REASON.get(t) or "no reason recorded").split())[:200]
+            by_reason.setdefault(reason, []).append(str(t.number))
+    causes = [f"{reason} (trial{'s' if len(numbers) > 1 else ''} {', '.join(numbers)})"
+              for reason, numbers in list(by_reason.items())[:3]]
+    more = f"; and {len(by_reason) - 3} other reasons" if len(by_reason) > 3 else ""
+    return (f"no trial completed: {tally.failed} failed" + (f", {tally.pruned} pruned" if tally.pruned else "")
+            + f": {'; '.join(causes)}{more} (`sweeper status` lists each; exit code {EXIT_NOTHING_COMPLETED})")
+
+
+def _silent(message: str) -> None:
+    """A ``say`` that says nothing."""
 
 
 def last_error_line(log: Path | None) -> str:

@@ -19,7 +19,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial
 
-from sweeper import __version__, checkpoints, record
+from sweeper import __version__, checkpoints, configuration, record
 from sweeper import space as space_mod
 from sweeper.errors import SweepError
 from sweeper.finetune import freeze
@@ -41,6 +41,13 @@ def prepare_data(sweep: Sweep) -> tuple[PreparedData, Any]:
 def trial_seed(study_seed: int, trial_number: int) -> int:
     """The seed of a trial, from the first trial of its retry lineage (a retry reuses it)."""
     digest = hashlib.sha256(f"{study_seed}:{trial_number}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def head_seed(study_seed: int) -> int:
+    """The seed of the new head's initial weights under ``head_init="shared"``: one per study,
+    so every trial's head starts from the same draw and the trials can be averaged (issue 19)."""
+    digest = hashlib.sha256(f"{study_seed}:head".encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
 
@@ -81,7 +88,7 @@ class Objective:
         record.DEVICES.set(trial, 1)
         self.timings = {}
         try:
-            value = self._train(trial)
+            value = self._train(trial) if self.sweep.train is None else self._train_user(trial)
         except optuna.TrialPruned as exc:
             self._finish(trial, started)
             return Outcome(optuna.trial.TrialState.PRUNED, reason=str(exc) or None)
@@ -128,16 +135,17 @@ class Objective:
         hyper = Hyper(**params)
         data = self.data()
         history = lineage(trial)
-        seed = trial_seed(sweep.seed, history[0] if history else trial.number)
-        torch.manual_seed(seed)  # the new head's initial weights
-        adapter = sweep.model.build(data.num_labels, sweep.cache_dir, hyper.dropout)
+        repeat = self._repeat_mark(trial, history)  # a seed trial of `sweeper best --seeds` trains with its own seed
+        seed = int(repeat["seed"]) if repeat else trial_seed(sweep.seed, history[0] if history else trial.number)
+        # The new head's initial weights: the study's draw, or the trial's (`head_init`).
+        torch.manual_seed(head_seed(sweep.seed) if sweep.head_init == "shared" else seed)
+        adapter = sweep.model.build(data.num_labels, sweep.cache_dir, hyper.dropout, data.label_names)
         depth = adapter.num_blocks if hyper.unfreeze_depth is None else hyper.unfreeze_depth
         freeze.check_depth(depth, adapter.num_blocks)
         problems = hyper.check(adapter.num_blocks)
         if problems:
             raise SweepError("; ".join(problems))
-        record.CONFIG.set(trial, {"study": sweep.to_dict(), "hyperparameters": vars(hyper),
-                                  "blocks": adapter.num_blocks, "seed": seed, "sweeper": __version__})
+        record.SEED.set(trial, seed)  # the rest of the configuration is the study's, recorded once
         if history:
             record.LINEAGE.set(trial, history)
         resume = self._resume_state(history)
@@ -151,7 +159,8 @@ class Objective:
             seed=seed, pretrain_loss=sweep.pretrain_loss, evals_per_epoch=sweep.evals_per_epoch,
             eval_every_steps=sweep.eval_every_steps, bf16=sweep.bf16, compile=sweep.compile,
         )
-        hooks = _TrialHooks(self, trial, sweep.max_evaluations)
+        # A seed trial is not pruned: its figure is one sample of a spread, wanted whole.
+        hooks = _TrialHooks(self, trial, sweep.max_evaluations, prune=repeat is None)
         if resume is not None:
             hooks.replay(resume)
         result = train(adapter, data, hyper, settings, hooks, resume, lm_head=lm_head,
@@ -161,7 +170,8 @@ class Objective:
             "trial": trial.number, "params": params, "value": result.best_value,
             "metric": sweep.metric, "direction": sweep.direction,
             "best_evaluation": result.best_evaluation,
-            "validation": result.best_metrics, "study": sweep.to_dict(), "sweeper": __version__,
+            "validation": result.best_metrics, "study": configuration.of(sweep), "sweeper": __version__,
+            "hyperparameters": vars(hyper), "blocks": adapter.num_blocks, "seed": seed,
             "model_kind": adapter.kind, "num_labels": data.num_labels, "label_names": data.label_names,
         }
         # A full or unwritable store raises a StoreError that says so: it fails this trial only.
@@ -178,6 +188,37 @@ class Objective:
         logger.info("trial %d finished: %s %.4f at evaluation %d (%.0f samples/s)", trial.number,
                     sweep.metric, result.best_value, result.best_evaluation, result.samples_per_second)
         return result.best_value
+
+    def _repeat_mark(self, trial: optuna.Trial, history: list[int]) -> dict[str, Any] | None:
+        """The seed-trial mark of ``trial``; a retry (which starts with no user attributes)
+        takes its lineage's, so it trains with the same seed and stays out of the ranking."""
+        mark = record.REPEAT.get(trial)
+        if mark or not history:
+            return mark
+        first = [t for t in self._lineage_trials(trial) if t.number == history[0]]
+        mark = record.REPEAT.get(first[0]) if first else None
+        if mark:
+            record.REPEAT.set(trial, mark)
+        return mark
+
+    def _train_user(self, trial: optuna.Trial) -> float:
+        """Run the study's own ``train`` function for ``trial`` (issue 20): sweeper samples,
+        seeds, keeps the resume state and the checkpoint; the function trains."""
+        from sweeper import user_train
+
+        sweep = self.sweep
+        assert sweep.train is not None  # run() dispatches here only then
+        params = space_mod.sample(sweep.space, trial)
+        history = lineage(trial)
+        seed = trial_seed(sweep.seed, history[0] if history else trial.number)
+        record.SEED.set(trial, seed)
+        if history:
+            record.LINEAGE.set(trial, history)
+        context = user_train.TrialContext(trial, self.study, self.store, record.direction_of(sweep.direction),
+                                          sweep.metric, self.stop, history)
+        meta = {"trial": trial.number, "params": params, "metric": sweep.metric, "direction": sweep.direction,
+                "study": configuration.of(sweep), "sweeper": __version__, "seed": seed, "model_kind": "user"}
+        return user_train.run(sweep.train, trial, params, context, self.device, seed, meta)
 
     def _lineage_trials(self, trial: optuna.Trial) -> list[FrozenTrial]:
         history = set(lineage(trial))
@@ -207,8 +248,8 @@ class Objective:
 class _TrialHooks(Hooks):
     """Reports to Optuna, prunes, keeps the resume state, and stops on preemption."""
 
-    def __init__(self, objective: Objective, trial: optuna.Trial, planned: int) -> None:
-        self.objective, self.trial, self.planned = objective, trial, planned
+    def __init__(self, objective: Objective, trial: optuna.Trial, planned: int, prune: bool = True) -> None:
+        self.objective, self.trial, self.planned, self.prune = objective, trial, planned, prune
 
     def replay(self, state: TrainState) -> None:
         """Report the evaluations of the trial being continued, so its curve is complete."""
@@ -221,7 +262,7 @@ class _TrialHooks(Hooks):
         trial.report(value, evaluation)
         record.PROGRESS.set(trial, {"evaluation": evaluation, "of": self.planned, "value": value})
         logger.info("trial %d evaluation %d: %.4f", trial.number, evaluation, value)
-        if trial.should_prune():
+        if self.prune and trial.should_prune():
             raise optuna.TrialPruned(f"pruned at evaluation {evaluation} with {value:.4f}")
         try:
             checkpoints.save_resume(self.objective.store, trial, snapshot())

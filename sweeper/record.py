@@ -45,8 +45,10 @@ class Field(Generic[T]):
             holder.set_user_attr(self.key, value)
         elif self.scope == "study system" and isinstance(holder, optuna.Study):
             optuna_adapter.set_study_system_attr(holder, self.key, value)
-        else:  # trial system attributes are Optuna's (retries): sweeper writes them only whole
-            raise TypeError(f"{self.key} is written with its trial, not set afterwards")
+        elif self.scope == "trial system" and isinstance(holder, optuna.Trial):
+            optuna_adapter.set_trial_system_attr(holder, self.key, value)
+        else:  # a finished trial's attributes are no longer written
+            raise TypeError(f"{self.key} is written on a running trial or its study, not on {type(holder).__name__}")
 
 
 @dataclass(frozen=True)
@@ -89,20 +91,20 @@ WORKER = Field[int]("worker", "trial user", "int", "objective", ("status", "repo
                     "index of the worker slot that ran it")
 HOST = Field[str]("host", "trial user", "str", "liveness", ("liveness", "status", "report"),
                   "the machine that runs it (owner check)")
-PID = Field[int]("pid", "trial user", "int", "liveness", ("liveness",), "the worker process that runs it (owner check)")
-HEARTBEAT_AT = Field[float]("heartbeat_at", "trial user", "float (epoch s)", "liveness", ("liveness",),
+PID = Field[int]("sweeper:pid", "trial system", "int", "liveness", ("liveness",),
+                 "the worker process that runs it (owner check)")
+HEARTBEAT_AT = Field[float]("sweeper:heartbeat_at", "trial system", "float (epoch s)", "liveness", ("liveness",),
                             "last beat, where the storage has no heartbeat of Optuna's (the gRPC proxy)")
 DEVICE = Field[str]("device", "trial user", "str", "objective", ("status", "report"), "cpu, cuda:0, or cuda (GPU n)")
 DEVICES = Field[int]("devices", "trial user", "int", "objective", ("budget",),
                      "devices it holds, for the device-hours it spends")
-CONFIG = Field[dict[str, Any]]("config", "trial user", "dict", "objective", (),
-                               "the resolved study configuration, hyperparameters, block count, seed, version "
-                               "(for people, in the dashboard)")
-PROGRESS = Field[dict[str, Any]]("progress", "trial user", "{evaluation, of, value}", "objective",
+SEED = Field[int]("seed", "trial user", "int", "objective", (),
+                  "the trial's seed: batch order, dropout (the study's configuration is on the study, once)")
+PROGRESS = Field[dict[str, Any]]("progress", "trial user", "{evaluation, of, value}", "objective, user_train",
                                  ("status", "report"), "where a running trial is")
-VALIDATION = Family[float]("val_", "trial user", "float", "objective", ("best", "report"),
+VALIDATION = Family[float]("val_", "trial user", "float", "objective, user_train", ("best", "report"),
                            "every validation metric at the best evaluation (val_accuracy, ...)")
-BEST_EVALUATION = Field[int]("best_evaluation", "trial user", "int", "objective", ("status", "best"),
+BEST_EVALUATION = Field[int]("best_evaluation", "trial user", "int", "objective, user_train", ("status", "best"),
                              "the evaluation that the value and the checkpoint come from")
 TRAIN_SECONDS = Field[float]("train_seconds", "trial user", "float (s)", "objective", ("report",), "time in training steps")
 EVAL_SECONDS = Field[float]("eval_seconds", "trial user", "float (s)", "objective", ("report",), "time in evaluations")
@@ -111,17 +113,22 @@ SAMPLES_PER_SECOND = Field[float]("samples_per_second", "trial user", "float", "
 STEPS = Field[int]("steps", "trial user", "int", "objective", (), "optimizer steps taken")
 GPU_SECONDS = Field[float]("gpu_seconds", "trial user", "float (s)", "objective", ("budget", "report"),
                            "device-seconds it used (elapsed time x devices)")
-RESUMED_FROM_STEP = Field[int]("resumed_from_step", "trial user", "int", "objective", (),
+RESUMED_FROM_STEP = Field[int]("resumed_from_step", "trial user", "int", "objective, user_train", (),
                                "for a retry: the step it continued from")
 LINEAGE = Field[list[int]]("lineage", "trial user", "list[int]", "objective", (),
                            "for a retry: the trials before it, oldest first")
-FAIL_REASON = Field[str]("fail_reason", "trial user", "str", "objective, worker, liveness", ("status", "report"),
+FAIL_REASON = Field[str]("fail_reason", "trial user", "str", "objective, worker, liveness", ("status", "report", "launcher"),
                          "one line, for a failed trial")
-CHECKPOINT = Field[dict[str, Any]]("checkpoint", "trial user", "{files: {name: {id, sha256, bytes}}, evaluation, value}",
-                                   "objective", ("checkpoints", "status", "report"),
-                                   "the model checkpoint's artifacts")
-RESUME = Field[dict[str, Any] | None]("resume", "trial user", "{id, step} or None", "checkpoints",
-                                      ("checkpoints", "objective"), "the resume state; None once the trial ended")
+CHECKPOINT = Field[dict[str, Any]]("sweeper:checkpoint", "trial system",
+                                   "{files: {name: {id, sha256, bytes}}, evaluation, value}",
+                                   "objective, user_train", ("checkpoints", "status", "report", "best"),
+                                   "the model checkpoint's artifacts (for machines: not in the dashboard's list)")
+RESUME = Field[dict[str, Any] | None]("sweeper:resume", "trial system", "{id, step[, sha256]} or None",
+                                      "checkpoints, user_train", ("checkpoints", "objective"), "the resume state; None once the trial ended")
+REPEAT = Field[dict[str, Any]]("repeats", "trial user", "{trial, seed, index}", "best (enqueue_trial), objective",
+                               ("objective", "best"),
+                               "a seed trial (`sweeper best --seeds`): the trial it repeats and the seed it trains with; "
+                               "the objective copies it onto a retry. Never ranked")
 
 RETRY_HISTORY = Field[list[int]]("retry_history", "trial system", "list[int]", "worker (RetryCallback)",
                                  ("budget", "objective", "worker"),
@@ -133,23 +140,33 @@ FIXED_PARAMS = Field[dict[str, Any]]("fixed_params", "trial system", "dict", "bu
 
 # --------------------------------------------------------------------------- a study
 
-STUDY_CONFIG = Field[dict[str, Any]]("config", "study user", "dict", "launcher", ("proxy",),
-                                     "the study configuration the sweep was launched with")
+STUDY_CONFIG = Field[dict[str, Any]]("sweeper:config", "study system", "dict (passwords masked)", "configuration",
+                                     ("configuration", "proxy"),
+                                     "the configuration the study was created with; machines that launch or join "
+                                     "it must agree")
 ARTIFACT_STORE = Field[str]("artifact_store", "study user", "str", "checkpoints", ("checkpoints",),
                             "the `artifacts` the sweep was launched with, when one was named")
 TEST = Family[dict[str, float]]("test:", "study user", "{metric: value}", "finalize", ("finalize", "best"),
                                 "held-out test figures of a trial (test:<number>)")
-BEST_TEST = Field[dict[str, Any]]("best_test", "study user", "{trial, metric, value, all}", "finalize", ("status",),
+BEST_TEST = Field[dict[str, Any]]("best_test", "study user", "{trial, metric, value, all}", "finalize", ("status", "launcher"),
                                   "the held-out test figure of the best trial")
 CHECKPOINT_DELETED = Family[int]("checkpoint_deleted:", "study user", "int (k)", "checkpoints",
                                  ("checkpoints",),
                                  "keep-top-k removed this trial's checkpoint (checkpoint_deleted:<number>)")
-N_TRIALS = Field[int]("sweeper:n_trials", "study system", "int", "budget", ("status", "proxy"),
+N_TRIALS = Field[int]("sweeper:n_trials", "study system", "int", "budget, best (--seeds)", ("status", "proxy", "cli", "launcher"),
                       "the trial budget; marks a study as sweeper's")
 DEADLINE = Field[float | None]("sweeper:deadline", "study system", "float (epoch s) or None", "launcher", ("budget",),
                                "after this, no new trial starts (--timeout)")
 GPU_SECONDS_BUDGET = Field[float | None]("sweeper:gpu_seconds_budget", "study system", "float (s) or None", "launcher",
                                          ("budget",), "device-seconds the sweep may spend (--gpu-hours)")
+SOUP = Family[dict[str, Any]]("soup:", "study user",
+                              "{method, metric, members, weights, validation, best_trial, best_validation, test?, "
+                              "best_test?}", "best", ("report",),
+                              "the weight soup `sweeper best --soup` wrote (soup:greedy, soup:uniform), beside the best trial")
+SEEDS = Family[dict[str, Any]]("seeds:", "study user",
+                               "{trial, metric, seed_trials, seeds, validation, test, original}", "best", ("report",),
+                               "`sweeper best --seeds`: mean, std and stderr of validation and test over the seed "
+                               "trials of a trial (seeds:<number>), and that trial's own figures")
 
 # Every field above, in the order of this file (which is the order of docs/records.md).
 FIELDS: tuple[Field[Any] | Family[Any], ...] = tuple(
@@ -185,8 +202,9 @@ def ranked(trials: Iterable[FrozenTrial], direction: StudyDirection, *,
     """Complete trials (with a checkpoint, unless told otherwise), best first; a tie goes to
     the earlier trial. The launcher's progress line, ``status``, ``report``, ``best``,
     keep-top-k and ``finalize`` all rank with this."""
+    # A seed trial (REPEAT) measures the noise of a configuration already chosen: never a candidate.
     done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
-            and (not with_checkpoint or CHECKPOINT.get(t))]
+            and (not with_checkpoint or CHECKPOINT.get(t)) and not REPEAT.get(t)]
     sign = -1.0 if direction == StudyDirection.MAXIMIZE else 1.0
     return sorted(done, key=lambda t: (sign * float(t.value), t.number))  # type: ignore[arg-type]
 

@@ -13,8 +13,10 @@ Everything in it is read from the study, through the user attributes each trial 
   Importances use Optuna 5's default evaluator, PED-ANOVA, which needs no scikit-learn;
 - the metric over λ (``pretrain_loss_weight``) and the unfreeze depth;
 - the time each trial spent training, evaluating and otherwise, its throughput, and the
-  GPU-hours the sweep has spent;
+  device-hours the sweep has spent (GPU-hours, or CPU-hours on a CPU);
 - the best trial: its parameters, validation metrics and held-out test figure;
+- beside it, the weight soups and the seed trials' spread that ``sweeper best --soup`` and
+  ``--seeds`` recorded on the study;
 - a table of every trial.
 
 A plot that cannot be drawn (too few complete trials, a parameter that is not searched) is
@@ -116,10 +118,10 @@ def build(study: optuna.Study, sweep: Sweep) -> tuple[str, list[Section]]:
               lambda: _intermediate(study, trials, label)),
         _draw("lambda_depth", "The metric over λ and unfreeze depth", lambda: _lambda_depth(trials, label)),
         _draw("timings", "Time per trial", lambda: _timings(trials)),
-        _draw("gpu_hours", "GPU-hours spent", lambda: _gpu_hours(trials)),
+        _draw("gpu_hours", f"{summary['hours_unit']} spent", lambda: _gpu_hours(trials)),
     ]
     best = next((t for t in trials if summary["best"] and t.number == summary["best"]["number"]), None)
-    return _page(sweep, summary, sections, best, trials, plotly_js), sections
+    return _page(sweep, summary, sections, best, trials, plotly_js, _soups_html(study, sweep)), sections
 
 
 # --------------------------------------------------------------------------- drawing
@@ -306,6 +308,7 @@ def _gpu_hours(trials: Sequence[FrozenTrial]) -> go.Figure:
         raise CannotDraw("no trial has finished yet")
     done = [t for _, _, t in spans]
     start = min(begun for _, begun, _ in spans)
+    unit = status.hours_unit(done)  # CPU-hours on a CPU run: say what was measured
     minutes, hours, total = [0.0], [0.0], 0.0  # the sweep starts at nothing spent
     for end, _, t in spans:
         total += float(record.GPU_SECONDS.get(t, 0.0)) / 3600
@@ -320,8 +323,8 @@ def _gpu_hours(trials: Sequence[FrozenTrial]) -> go.Figure:
     by_state = {s: sum(float(record.GPU_SECONDS.get(t, 0.0)) for t in done if t.state == s) / 3600
                 for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
     split = ", ".join(f"{s.name.lower()} {h:.3f}" for s, h in by_state.items())
-    fig.update_layout(title={"text": f"{total:.3f} GPU-hours in finished trials ({split})", "font": {"size": 14}},
-                      xaxis_title="minutes since the first trial started", yaxis_title="GPU-hours, cumulative",
+    fig.update_layout(title={"text": f"{total:.3f} {unit} in finished trials ({split})", "font": {"size": 14}},
+                      xaxis_title="minutes since the first trial started", yaxis_title=f"{unit}, cumulative",
                       showlegend=False)
     return fig
 
@@ -368,6 +371,38 @@ def _best_html(sweep: Sweep, summary: dict[str, Any], best: FrozenTrial | None) 
             f'<div><h3>Where it ran</h3><table>{_rows(where)}</table></div></div>')
 
 
+def _soups_html(study: optuna.Study, sweep: Sweep) -> str:
+    """The soups' and the seed trials' figures (``sweeper best --soup / --seeds``) beside the
+    best trial's, as recorded on the study."""
+    soups, seeds = record.SOUP.items(study), record.SEEDS.items(study)
+    if not soups and not seeds:
+        return ('<p class="note" id="soups-none">No weight soup or seed figures yet: run <code>sweeper best '
+                'STUDY --out DIR --soup --evaluate</code> or <code>--seeds 3</code>.</p>')
+
+    def spread(s: dict[str, Any]) -> str:
+        if s.get("mean") is None:
+            return "-"
+        return f"{s['mean']:.4f} ± {s['std']:.4f} (std, n={s['n']})" if s.get("std") is not None else f"{s['mean']:.4f}"
+
+    def _figure(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, int | float) else "-"
+
+    rows: list[tuple[str, str, str]] = []
+    for method, f in sorted(soups.items()):
+        if not rows:
+            rows.append((f"best trial {f['best_trial']}", _figure(f["best_validation"]), _figure(f.get("best_test"))))
+        rows.append((f"{method} soup of trials {f['members']}", _figure(f["validation"]), _figure(f.get("test"))))
+    for trial, f in sorted(seeds.items(), key=lambda kv: int(kv[0])):
+        rows.append((f"trial {trial} itself", _figure(f["original"]["validation"]), _figure(f["original"]["test"])))
+        rows.append((f"trial {trial} with {f['validation']['n']} other seeds {f['seed_trials']}",
+                     spread(f["validation"]), spread(f["test"])))
+    body = "".join(f"<tr><th>{html.escape(name)}</th><td>{html.escape(v)}</td><td>{html.escape(t)}</td></tr>"
+                   for name, v, t in rows)
+    metric = html.escape(sweep.metric)
+    return (f'<table id="soups"><thead><tr><th></th><th>validation {metric}</th><th>held-out test {metric}</th>'
+            f'</tr></thead><tbody>{body}</tbody></table>')
+
+
 def _trials_html(trials: Sequence[FrozenTrial]) -> str:
     names: list[str] = []
     for t in trials:
@@ -391,11 +426,11 @@ def _trials_html(trials: Sequence[FrozenTrial]) -> str:
 
 
 def _page(sweep: Sweep, summary: dict[str, Any], sections: list[Section], best: FrozenTrial | None,
-          trials: Sequence[FrozenTrial], plotly_js: str) -> str:
+          trials: Sequence[FrozenTrial], plotly_js: str, soups: str = "") -> str:
     c = summary["counts"]
     counts = (f"{c['finished']} of {summary['budget'] or '?'} trials finished: {c['complete']} complete, "
               f"{c['pruned']} pruned, {c['failed']} failed ({c['retried']} more retried); "
-              f"{c['running']} running, {c['waiting']} waiting. {summary['gpu_hours']:.3f} GPU-hours spent.")
+              f"{c['running']} running, {c['waiting']} waiting. {summary['gpu_hours']:.3f} {summary['hours_unit']} spent.")
     parts = []
     for s in sections:
         notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in s.notes)
@@ -426,6 +461,8 @@ L = L_task + λ·L_pretrain ({html.escape(sweep.pretrain_loss)}); generated {htm
 <p id="counts">{html.escape(counts)}</p>
 <h2>Best trial</h2>
 {_best_html(sweep, summary, best)}
+<h2>Weight soups and seeds</h2>
+{soups}
 {"".join(parts)}
 <h2>Trials</h2>
 <p class="sub">Durations are recorded by the worker; GPU seconds are elapsed time × devices (a CPU

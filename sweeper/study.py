@@ -15,9 +15,11 @@ import difflib
 import hashlib
 import importlib.util
 import os
+import re
 import traceback
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,10 @@ from sweeper.finetune.rules import Check, Flag, Kinds, OneOf, Range, about, sett
 PRUNERS = ("median", "hyperband", "successive_halving", "none")
 SAMPLERS = ("tpe", "random", "qmc")
 DIRECTIONS = ("maximize", "minimize")
+# A study's name is a folder name (`output_dir` is sweeps/{name} by default): no separators,
+# no "..", no NUL, nothing a shell or a Kubernetes label would trip on (issue 17.8).
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+HEAD_INITS = ("shared", "trial")  # `head_init` (issue 19: averaged trials must start from one head)
 
 
 @dataclass
@@ -40,10 +46,16 @@ class Sweep:
     """One sweep: the model, the data, the search space, and how the search runs."""
 
     name: str = field(metadata=about("the Optuna study name, unique within its storage", Check(
-        lambda v: isinstance(v, str) and bool(v.strip()), "a name that is not blank", "give the study a name")))
-    model: ModelSpec = field(metadata=about("the pretrained model and its new head", Kinds(ModelSpec)))
-    data: DataSpec = field(metadata=about("where examples come from; validation is carved from train", Kinds(DataSpec)))
-    space: dict[str, Any] = field(metadata=about(
+        lambda v: isinstance(v, str) and bool(SAFE_NAME.fullmatch(v)),
+        "letters, digits, `.`, `_`, `-` (a safe folder name: it names `output_dir`), at most 100",
+        "use letters, digits, `.`, `_` and `-` only, starting with a letter or digit, e.g. name=\"bert-sst2\"")))
+    # None only in a study with its own `train` function, which never reads them; every other
+    # study is refused without both (problems below), so the rest of sweeper reads them as given.
+    model: ModelSpec = field(default=typing.cast(ModelSpec, None), metadata=about(
+        "the pretrained model and its new head (required, unless `train` is given)", Kinds(ModelSpec)))
+    data: DataSpec = field(default=typing.cast(DataSpec, None), metadata=about(
+        "where examples come from; validation is carved from train (required, unless `train` is given)", Kinds(DataSpec)))
+    space: dict[str, Any] = field(default_factory=dict, metadata=about(
         "hyperparameter -> distribution or constant (`sweeper/space.py`; the hyperparameters are listed below)"))
     pretrain_loss: str = setting("none", "L_pretrain, the term that keeps the model near its pretrained weights",
                                  OneOf(losses.PRETRAIN_LOSSES))
@@ -57,8 +69,9 @@ class Sweep:
     n_trials: int = setting(64, "trials in all, across every worker and machine", Range(1, whole=True))
     timeout: float | None = setting(None, "wall time for the whole sweep",
                                     Range(0, above=True, unit="seconds", none="no limit"))
-    gpu_hours: float | None = setting(None, "GPU time the sweep may spend in all",
-                                      Range(0, above=True, unit="GPU-hours", none="no limit"))
+    gpu_hours: float | None = setting(None, "device time the sweep may spend in all: elapsed hours times "
+                                      "devices, GPU-hours on GPUs and CPU-hours on a CPU",
+                                      Range(0, above=True, unit="device-hours", none="no limit"))
     pruner: str = setting("median", "stops trials that trail others at the same evaluation", OneOf(PRUNERS))
     sampler: str = setting("tpe", "proposes each trial's hyperparameters", OneOf(SAMPLERS))
     first_trials: tuple[Any, ...] = setting(
@@ -66,6 +79,11 @@ class Sweep:
         "sampler draws what one leaves out) or \"center\", the middle of the space")
     seed: int = setting(0, "study seed: data split, and with the worker index, each worker's sampler",
                         Range(whole=True))
+    # "trial" by default: bench/soup.py measured no gain from "shared" on a CPU-sized sweep (issue 19).
+    head_init: str = setting(
+        "trial", "the new head's initial weights: each trial's own draw, or \"shared\", one draw from the study "
+        "seed for every trial (the paper's premise for weight soups); the trial's seed drives batch order and "
+        "dropout either way", OneOf(HEAD_INITS))
     output_dir: str = setting("sweeps/{name}", "checkpoints, caches and the default SQLite file")
     storage: str | None = setting(None, "an RDB URL; None = SQLite in output_dir (or SWEEPER_STORAGE)")
     artifacts: str | None = setting(
@@ -75,6 +93,11 @@ class Sweep:
                                Range(0, whole=True))
     bf16: bool = setting(True, "bf16 autocast on GPUs that support it", Flag())
     compile: bool = setting(False, "the trainable blocks through torch.compile (finetune/compiled.py)", Flag())
+    train: Callable[..., Any] | None = setting(
+        None, "your own training function, train(params, device, seed, context), run for each trial instead of "
+        "sweeper's loop (sweeper/user_train.py); `model` and `data` are then left out", Check(
+            lambda v: v is None or callable(v), "a function or None",
+            "give a function train(params, device, seed, context), or leave `train` out"))
 
     # ------------------------------------------------------------------ derived values
 
@@ -96,8 +119,12 @@ class Sweep:
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration as JSON-friendly data (recorded on every trial)."""
         data = dataclasses.asdict(self)
-        data["model"] = {"type": type(self.model).__name__, **data["model"]}
-        data["data"] = {"type": type(self.data).__name__, **data["data"]}
+        if self.model is not None:
+            data["model"] = {"type": type(self.model).__name__, **data["model"]}
+        if self.data is not None:
+            data["data"] = {"type": type(self.data).__name__, **data["data"]}
+        if self.train is not None:  # by name: a function's repr holds its address, which differs per process
+            data["train"] = getattr(self.train, "__qualname__", type(self.train).__name__)
         data["space"] = {k: str(v) if space_mod.is_distribution(v) else v for k, v in self.space.items()}
         return data
 
@@ -106,6 +133,8 @@ class Sweep:
     def problems(self) -> list[str]:
         """Every problem of the configuration, without loading a model or data: each setting
         against its rule (``rules.setting`` above), then what relates settings to each other."""
+        if self.train is not None:
+            return self._train_problems()
         p = rules.problems(self)
         if isinstance(self.model, ModelSpec):
             p.extend(self.model.check())
@@ -126,6 +155,22 @@ class Sweep:
         if better and self.direction in DIRECTIONS and better != self.direction:
             p.append(f"`direction` is {self.direction!r}, but `{self.metric}` is better when it is "
                      f"{'higher' if better == 'maximize' else 'lower'}: use direction={better}")
+        return p
+
+    def _train_problems(self) -> list[str]:
+        """A study with its own ``train`` function: the function decides what the searched names
+        and the metric mean, so only the search and the budget are sweeper's to check."""
+        p = [line for line in rules.problems(self) if not line.startswith(("`model`", "`data`", "`metric`"))]
+        for name in ("model", "data"):
+            if getattr(self, name) is not None:
+                p.append(f"`{name}` is not used when `train` is given (the function trains with its own): leave it out")
+        if not isinstance(self.space, dict) or not self.space:
+            p.append("`space` is empty: give a dict of name -> distribution for the function's `params`")
+        else:
+            p.extend(space_mod.check(self.space))
+            p.extend(space_mod.first_trial_params(self.space, self.first_trials)[1])
+        if not isinstance(self.metric, str) or not self.metric.strip():
+            p.append(f"`metric` is {self.metric!r}: name the figure the function reports (e.g. \"accuracy\")")
         return p
 
     def _space_problems(self) -> list[str]:
@@ -173,7 +218,8 @@ def load(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = 
     try:
         spec.loader.exec_module(module)
     except SyntaxError as exc:
-        raise SweepError(f"{path}:{exc.lineno}: syntax error: {exc.msg}: fix the study file") from None
+        where = f":{exc.lineno}" if exc.lineno else ""  # a NUL byte has no line
+        raise SweepError(f"{path}{where}: syntax error: {exc.msg}: fix the study file") from None
     except Exception as exc:
         line = _study_line(exc, file)
         raise SweepError(f"{path}{line}: the study file raised {type(exc).__name__}: {exc}") from None
@@ -281,7 +327,10 @@ def coerce(text: str, hint: Any, key: str) -> Any:
 
 def check_model_fit(sweep: Sweep, source: str) -> int:
     """Check what needs the model's config (not its weights): the unfreeze depths the space
-    can draw, and an MLM head for ``pretrain_loss='mlm'``. Returns the model's block count."""
+    can draw, and an MLM head for ``pretrain_loss='mlm'``. Returns the model's block count
+    (0 for a study with its own ``train`` function, whose model is its own)."""
+    if sweep.train is not None:
+        return 0
     blocks = sweep.model.num_blocks(sweep.cache_dir)
     problems = []
     depth = sweep.space.get("unfreeze_depth")

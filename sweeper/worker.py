@@ -93,7 +93,8 @@ class RetryCallback:
         if len(history) > self.max_retries:
             logger.warning("trial %d was cut off %d times: not retrying it again", trial.number, len(history))
             return
-        system_attrs = {k: v for k, v in trial.system_attrs.items() if not k.startswith("artifacts:")}
+        # Optuna's own keys only: the cut-off trial's artifacts and checkpoint record are its own.
+        system_attrs = {k: v for k, v in trial.system_attrs.items() if not k.startswith(("artifacts:", "sweeper:"))}
         system_attrs.update({record.FAILED_TRIAL.key: history[0], record.RETRY_HISTORY.key: history})
         retry = optuna.create_trial(state=TrialState.WAITING, params=trial.params,
                                     distributions=trial.distributions, system_attrs=system_attrs)
@@ -145,10 +146,12 @@ def run(
     grace_period: int | None = None,
 ) -> int:
     """One worker process of ``sweep``: returns its exit code."""
-    from sweeper import checkpoints
+    from sweeper import checkpoints, configuration
     from sweeper import storage as storage_mod
     from sweeper.objective import Objective
 
+    # The log's first line: what follows until "joined" is the storage, then the first trial's data and model.
+    logger.info("worker %d starting (pid %d, %s)", info.index, os.getpid(), info.device)
     retry = RetryCallback(sweep.max_retries)
     storage = open_storage(
         url,
@@ -164,6 +167,7 @@ def run(
         sampler=make_sampler(sweep, worker_seed(sweep.seed, info.index, host_salt)),
         pruner=make_pruner(sweep),
     )
+    configuration.record_or_check(study, sweep)  # however this worker was started, it trains as the study says
     # The study's recorded store, so a machine that joins writes where the launcher said.
     store = checkpoints.open_store(checkpoints.location_of(sweep, study), sweep.output_path)
     stop = threading.Event()
@@ -211,7 +215,13 @@ def serve(
             stop.wait(POLL_SECONDS)  # a running trial may still be handed back for a retry
             continue
         logger.info("%s starts trial %d", name, trial.number)
-        liveness.mark_owner(trial)
+        try:
+            liveness.mark_owner(trial)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # A reaper took it for dead between the claim and this first write (a stalled
+            # machine); its retry is queued: take the next ticket instead.
+            logger.warning("trial %d was failed by a reaper before %s could start it", trial.number, name)
+            continue
         with liveness.Heartbeat(optuna_adapter.storage_of(study), optuna_adapter.trial_id(trial), heartbeat_interval):
             outcome = run_trial(trial)
         _tell(study, trial, outcome, retry)

@@ -103,7 +103,8 @@ def test_every_study_file_loads_and_validates(path: Path) -> None:
     assert sweep.name and sweep.space
     assert path.read_text().lstrip().startswith('"""'), "a study opens with its docstring"
     assert "sweeper launch studies/" in path.read_text().split('"""')[1], "... giving its command"
-    assert study_mod.check_model_fit(sweep, str(path)) >= 1
+    if sweep.train is None:  # a study with its own train function has no model of sweeper's to fit
+        assert study_mod.check_model_fit(sweep, str(path)) >= 1
 
 
 def test_first_trials_from_the_command_line_are_checked_against_the_space(tmp_path: Path) -> None:

@@ -512,8 +512,10 @@ def _pretrained_text_weights(path: str) -> tuple[Any, dict[str, torch.Tensor]]:
         try:
             # Loading initialises what the checkpoint lacks (a pooler) from the global generator:
             # on a fork of it, so the first build of a process gets the same head, after the
-            # same manual_seed, as every later build (which finds the weights cached).
+            # same manual_seed, as every later build (which finds the weights cached); and from
+            # a fixed seed, so that what is missing is the same whatever the process drew before.
             with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
                 base = AutoModel.from_pretrained(path, dtype=torch.float32)
         except (OSError, ValueError) as exc:
             raise _load_error(path, exc) from None

@@ -174,6 +174,10 @@ def save_model(
                 )
                 size = path.stat().st_size
                 files[path.name] = {"id": artifact_id, "sha256": sha256_of(path), "bytes": size}
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # Not the store: a reaper failed this trial meanwhile (its worker was cut off). The
+        # files stay unreferenced for keep-top-k to find; the objective drops the trial.
+        raise
     except Exception as exc:  # noqa: BLE001  (OSError from a folder, botocore errors from S3)
         _remove_partial_upload(store, trial)
         raise StoreError(f"cannot write the checkpoint of trial {trial.number} ({_why(exc)}): free "

@@ -596,6 +596,8 @@ def cmd_env(args: argparse.Namespace) -> int:
             lines.append(f"{name} {getattr(module, '__version__', '?')}")
         except ImportError:
             lines.append(f"{name} (not installed)")
+        except Exception as exc:  # noqa: BLE001  (installed but broken: what a bug report needs most)
+            lines.append(f"{name} (fails to import: {type(exc).__name__}: {' '.join(str(exc).split())[:120]})")
     try:
         import torch
 

@@ -82,12 +82,12 @@ class Objective:
 
     def run(self, trial: optuna.Trial) -> Outcome:
         started = time.time()
-        record.WORKER.set(trial, self.worker.index)
-        record.DEVICE.set(trial, self.worker.device if self.worker.physical_gpu is None
-                          else f"cuda (GPU {self.worker.physical_gpu})")
-        record.DEVICES.set(trial, 1)
         self.timings = {}
         try:
+            record.WORKER.set(trial, self.worker.index)  # inside: a reaper may have failed it already
+            record.DEVICE.set(trial, self.worker.device if self.worker.physical_gpu is None
+                              else f"cuda (GPU {self.worker.physical_gpu})")
+            record.DEVICES.set(trial, 1)
             value = self._train(trial) if self.sweep.train is None else self._train_user(trial)
         except optuna.TrialPruned as exc:
             self._finish(trial, started)

@@ -43,6 +43,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 EXIT_DONE = 0
 EXIT_PREEMPTED = 3
 POLL_SECONDS = 2.0  # how often an idle worker looks for a retry to run
+IDLE_RECHECK_SECONDS = 0.5  # before an idle worker stops, it looks once more (a retry may be on its way)
 
 
 def make_sampler(sweep: Sweep, seed: int) -> optuna.samplers.BaseSampler:
@@ -197,7 +198,7 @@ def serve(
     Independent of what a trial does: the fine-tuning objective and the benchmarks' trivial
     objectives go through the same claiming, heartbeats, hand-backs and retries.
     """
-    last_reap = 0.0
+    last_reap, idle = 0.0, False
     while not stop.is_set():
         if time.monotonic() - last_reap > max(1.0, grace_period / 4):
             last_reap = time.monotonic()
@@ -210,10 +211,18 @@ def serve(
         if trial is None:
             trials = study.get_trials(deepcopy=False)
             if not any(t.state == TrialState.RUNNING for t in trials):
-                logger.info("%s stops: every trial of the budget has run", name)
-                break
+                # Seen twice, a poll apart: a reaper fails a dead trial and then queues its
+                # retry, and a look between the two would find nothing left to run.
+                if idle:
+                    logger.info("%s stops: every trial of the budget has run", name)
+                    break
+                idle = True
+                stop.wait(IDLE_RECHECK_SECONDS)
+                continue
+            idle = False
             stop.wait(POLL_SECONDS)  # a running trial may still be handed back for a retry
             continue
+        idle = False
         logger.info("%s starts trial %d", name, trial.number)
         try:
             liveness.mark_owner(trial)

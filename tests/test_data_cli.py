@@ -42,6 +42,7 @@ def _study(tmp_path: Path, data: Path, settings: str = "") -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.timeout(300)  # 10 to 16 s of CPU (launch, its worker; best and a pipeline where exported)
 @pytest.mark.parametrize("kind", list(FORMATS))
 def test_each_format_is_swept_and_its_best_model_answers_in_the_data_labels(tmp_path: Path, kind: str) -> None:

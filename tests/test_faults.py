@@ -41,7 +41,7 @@ from sweeper.errors import SweepError
 from tests.conftest import PG_ADMIN_URL, PrivatePostgres
 from tests.helpers import ROOT, TINY_STUDY, write_study
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.slow, pytest.mark.long, pytest.mark.timeout(400)]
 
 TRIALS = 3
 SWEEP_SETS = [f"n_trials={TRIALS}", "pruner=none", "keep=2"]

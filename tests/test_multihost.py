@@ -30,6 +30,7 @@ from tests.multihost.net import NetworkUnavailable, missing_requirements
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.long,
     pytest.mark.postgres,
     pytest.mark.xdist_group("multihost"),
     # Three hosts each import PyTorch and tokenise on two shared cores: about 1.5 minutes when

@@ -181,6 +181,7 @@ def test_a_soup_of_different_models_is_refused_in_one_line(tmp_path: Path, capsy
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.timeout(300)
 def test_seeds_run_as_marked_budgeted_trials_and_are_reported(swept: dict[str, Any], tmp_path: Path) -> None:
     sweep, study = _open(swept)

@@ -227,6 +227,7 @@ def _read(url: str) -> list[FrozenTrial]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.timeout(400)
 def test_a_function_study_runs_through_the_cli_with_two_workers_and_a_killed_worker_resumes_its_state(
         tmp_path: Path) -> None:
@@ -314,6 +315,7 @@ TRAINER_STUDY = """
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.timeout(400)
 def test_a_trainer_script_is_a_sweeper_trial_through_the_cli_with_two_workers(tmp_path: Path) -> None:
     study = write_study(tmp_path, TRAINER_STUDY)

@@ -23,7 +23,7 @@ import time
 import common
 
 STUDY = common.ROOT / "studies" / "trainer_sst2.py"
-LEARNING_RATE, WEIGHT_DECAY = 5e-5, 0.01
+LEARNING_RATE, WEIGHT_DECAY = 2e-4, 0.01
 
 
 def main() -> None:
@@ -31,11 +31,13 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--learning-rate", type=float, default=LEARNING_RATE, help=f"default {LEARNING_RATE}")
     args = parser.parse_args()
+    learning_rate = args.learning_rate
 
     seed = trial_seed(0, 0)  # what the sweep's trial 0 gets from the study seed 0
     started = time.time()
-    alone = subprocess.run([sys.executable, str(STUDY), str(LEARNING_RATE), str(seed)], capture_output=True,
+    alone = subprocess.run([sys.executable, str(STUDY), str(learning_rate), str(seed)], capture_output=True,
                            text=True, cwd=common.ROOT)
     alone_s = time.time() - started
     if alone.returncode != 0:
@@ -47,7 +49,7 @@ def main() -> None:
         started = time.time()
         swept = subprocess.run(
             [sys.executable, "-m", "sweeper", "launch", str(STUDY), "--workers", "1", "--set", "n_trials=1",
-             "--set", f"space.learning_rate={LEARNING_RATE}", "--set", f"space.weight_decay={WEIGHT_DECAY}",
+             "--set", f"space.learning_rate={learning_rate}", "--set", f"space.weight_decay={WEIGHT_DECAY}",
              "--set", f"output_dir={folder}/out"], capture_output=True, text=True, cwd=common.ROOT)
         swept_s = time.time() - started
         if swept.returncode != 0:

@@ -427,7 +427,7 @@ def _say_spent(sweep: Sweep, options: LaunchOptions, study: optuna.Study, say: C
     say(f"the study {sweep.name!r} has spent its budget: {tally.finished} of {n_trials} trials finished "
         f"({tally.complete} complete, {tally.pruned} pruned, {tally.failed} failed){best_text}; no worker "
         f"was started. To run {n_trials} more, raise the budget (trials in all): "
-        f"`{shlex.join([*again, '--n-trials', str(2 * n_trials)])}`")
+        f"`{mask(shlex.join([*again, '--n-trials', str(2 * n_trials)]))}`")  # a --set storage= may hold a password
     if (failures := failures_line(trials)) is not None:
         say(failures)
         return EXIT_NOTHING_COMPLETED  # as the launch that ran them ended

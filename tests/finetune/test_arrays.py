@@ -12,8 +12,9 @@ import torch
 from sweeper.errors import SweepError
 from sweeper.finetune import array_memory, loop
 from sweeper.finetune.arrays import Member, MemberOutcome, Structure, TrialArray
-from sweeper.finetune.loop import Hooks, Hyper, LoopSettings, TrainState
+from sweeper.finetune.loop import Hooks, Hyper, LoopSettings
 from sweeper.finetune.models import TinyTextClassifier, from_checkpoint
+from tests.finetune.test_loop import _StopAfter  # the same stop as the loop's own tests
 
 pytestmark = pytest.mark.xdist_group("finetune_arrays")
 
@@ -168,21 +169,6 @@ def test_a_members_saved_folder_loads_with_from_pretrained_and_scores_the_same(t
     loaded = from_checkpoint(tmp_path / "model")  # AutoModelForSequenceClassification.from_pretrained
     scores = loop.evaluate(loaded, data.validation, torch.device("cpu"), False, data.num_labels, 16)
     assert scores == pytest.approx(outcome.result.best_metrics, rel=1e-5)
-
-
-class _StopAfter(Hooks):
-    def __init__(self, evaluations: int) -> None:
-        self.evaluations, self.seen = evaluations, 0
-        self.state: TrainState | None = None
-
-    def evaluated(self, evaluation, value, all_metrics, improved, snapshot) -> None:  # type: ignore[no-untyped-def]
-        self.seen = evaluation
-
-    def should_stop(self) -> bool:
-        return self.seen >= self.evaluations
-
-    def stopped(self, state: TrainState) -> None:
-        self.state = state
 
 
 def test_a_members_resume_state_continues_alone_to_the_same_result(tiny_model, data, alone_runs, monkeypatch) -> None:  # type: ignore[no-untyped-def]

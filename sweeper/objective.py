@@ -215,7 +215,7 @@ class Objective:
         if history:
             record.LINEAGE.set(trial, history)
         context = user_train.TrialContext(trial, self.study, self.store, record.direction_of(sweep.direction),
-                                          sweep.metric, self.stop, history)
+                                          sweep.metric, self.stop, history, sweep=sweep)
         meta = {"trial": trial.number, "params": params, "metric": sweep.metric, "direction": sweep.direction,
                 "study": configuration.of(sweep), "sweeper": __version__, "seed": seed, "model_kind": "user"}
         return user_train.run(sweep.train, trial, params, context, self.device, seed, meta)

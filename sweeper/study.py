@@ -95,7 +95,7 @@ class Sweep:
     compile: bool = setting(False, "the trainable blocks through torch.compile (finetune/compiled.py)", Flag())
     train: Callable[..., Any] | None = setting(
         None, "your own training function, train(params, device, seed, context), run for each trial instead of "
-        "sweeper's loop (sweeper/user_train.py); `model` and `data` are then left out", Check(
+        "sweeper's loop (sweeper/user_train.py); `model` and `data` are then optional, the function's to use", Check(
             lambda v: v is None or callable(v), "a function or None",
             "give a function train(params, device, seed, context), or leave `train` out"))
 
@@ -160,10 +160,13 @@ class Sweep:
     def _train_problems(self) -> list[str]:
         """A study with its own ``train`` function: the function decides what the searched names
         and the metric mean, so only the search and the budget are sweeper's to check."""
-        p = [line for line in rules.problems(self) if not line.startswith(("`model`", "`data`", "`metric`"))]
-        for name in ("model", "data"):
-            if getattr(self, name) is not None:
-                p.append(f"`{name}` is not used when `train` is given (the function trains with its own): leave it out")
+        unset = tuple(f"`{name}`" for name in ("model", "data") if getattr(self, name) is None)
+        p = [line for line in rules.problems(self) if not line.startswith((*unset, "`metric`"))]
+        # Beside `train`, a model and data are the function's to use (context.sweep): checked as ever.
+        if isinstance(self.model, ModelSpec):
+            p.extend(self.model.check())
+        if isinstance(self.data, DataSpec):
+            p.extend(self.data.check())
         if not isinstance(self.space, dict) or not self.space:
             p.append("`space` is empty: give a dict of name -> distribution for the function's `params`")
         else:

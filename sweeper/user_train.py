@@ -77,6 +77,7 @@ class TrialContext:
     metric: str
     stop: threading.Event
     history: list[int]  # the trials this retry continues, oldest first
+    sweep: Any = None  # the study's Sweep: a `model` and `data` given beside `train` are read from it
     grace_s: float = field(default_factory=lambda: STOP_GRACE_S)  # read when the trial starts
     reported: list[_Reported] = field(default_factory=list)
     pruned: str | None = None  # why, once the pruner stopped the trial

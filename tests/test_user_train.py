@@ -407,3 +407,35 @@ def test_a_stopped_trainer_saves_once_more_and_its_retry_resumes_the_trainer_fro
     assert started_at == [5], "the Trainer continued at the step it saved"
     done = study.get_trials()[1]
     assert sorted(done.intermediate_values) == [1, 2, 3] and done.user_attrs["resumed_from_step"] == 1
+
+
+def test_a_model_and_data_beside_train_are_checked_and_handed_to_the_function(tmp_path: Path) -> None:
+    from sweeper import SyntheticText, TinyTextClassifier
+    from sweeper.errors import ConfigError
+    from sweeper.study import load as load_sweep
+
+    seen: dict[str, Any] = {}
+
+    def train(params: dict[str, Any], device: torch.device, seed: int, context: user_train.TrialContext) -> None:
+        seen["data"] = context.sweep.data
+        context.report(0.5)
+        _saving_model(context)
+
+    sweep = Sweep(name="own", train=train, model=TinyTextClassifier(layers=1, hidden=16, heads=2),
+                  data=SyntheticText(n_train=64, n_test=32), space={"learning_rate": LogFloat(1e-3, 1e-1)},
+                  metric="score", n_trials=1, output_dir=str(tmp_path / "out"))
+    assert sweep.problems() == []
+    study = optuna.create_study(direction="maximize", storage=f"sqlite:///{tmp_path / 'own.db'}")
+    objective = Objective(sweep, study, WorkerInfo(index=0), checkpoints.open_store(None, sweep.output_path))
+    assert objective.run(study.ask()).state == TrialState.COMPLETE
+    assert seen["data"] == SyntheticText(n_train=64, n_test=32)
+    bad = write_study(tmp_path, """
+        from sweeper import LogFloat, Sweep, SyntheticText
+
+        def train(params, device, seed, context):
+            pass
+
+        sweep = Sweep(name="own", train=train, data=SyntheticText(n_train=-1), space={"lr": LogFloat(1e-3, 1e-1)})
+    """)
+    with pytest.raises(ConfigError, match="n_train"):
+        load_sweep(str(bad))

@@ -195,7 +195,7 @@ def _remove_partial_upload(store: Any, trial: optuna.Trial) -> None:
         logger.warning("trial %d: cannot list its partial checkpoint to remove it (%s)", trial.number, exc)
         return
     for meta in metas:
-        _remove_quietly(store, meta.artifact_id)
+        remove_quietly(store, meta.artifact_id)
 
 
 def _why(exc: BaseException) -> str:
@@ -260,7 +260,7 @@ def remove_model(store: Any, trial: FrozenTrial) -> bool:
     """Delete the checkpoint files of ``trial``; False if any is still there."""
     info = record.CHECKPOINT.get(trial) or {}
     # A list, not a generator: every file is tried, even after one is refused.
-    return all([_remove_quietly(store, meta["id"]) for meta in info.get("files", {}).values()])  # noqa: C419
+    return all([remove_quietly(store, meta["id"]) for meta in info.get("files", {}).values()])  # noqa: C419
 
 
 # --------------------------------------------------------------------------- resume states
@@ -294,12 +294,12 @@ def save_resume(store: Any, trial: optuna.Trial, state: TrainState) -> None:
     try:
         store.write(artifact_id, io.BytesIO(blob))
     except Exception as exc:  # noqa: BLE001  (full, unwritable or unreachable: leave no partial file behind)
-        _remove_quietly(store, artifact_id)
+        remove_quietly(store, artifact_id)
         raise StoreError(f"cannot write the resume state of trial {trial.number} ({_why(exc)})") from None
     previous = record.RESUME.get(trial) if hasattr(trial, "user_attrs") else None
     record.RESUME.set(trial, {"id": artifact_id, "step": state.step})
     if previous:
-        _remove_quietly(store, previous["id"])
+        remove_quietly(store, previous["id"])
 
 
 def load_resume(store: Any, artifact_id: str) -> TrainState:
@@ -343,7 +343,7 @@ def remove_resume(store: Any, trial: optuna.Trial | FrozenTrial) -> None:
     info = record.RESUME.get(trial)
     if not info:
         return
-    _remove_quietly(store, info["id"])
+    remove_quietly(store, info["id"])
     if isinstance(trial, optuna.Trial):
         try:
             record.RESUME.set(trial, None)
@@ -362,14 +362,14 @@ def remove_stale_resumes(study: optuna.Study, store: Any) -> list[int]:
     for trial in trials:
         info = record.RESUME.get(trial)
         if info:
-            _remove_quietly(store, info["id"])
+            remove_quietly(store, info["id"])
             removed.append(trial.number)
     if removed:
         logger.info("removed the resume states left by trials %s", removed)
     return removed
 
 
-def _remove_quietly(store: Any, artifact_id: str) -> bool:
+def remove_quietly(store: Any, artifact_id: str) -> bool:
     """Delete one artifact; True once it is gone (also when it already was)."""
     try:
         store.remove(artifact_id)
@@ -431,7 +431,7 @@ def keep_top_k(study: optuna.Study, store: Any, k: int) -> list[int]:
         if not ids:
             continue  # a failed trial that never saved: nothing to remove, nothing to record
         # A list, not a generator: every file is tried, even after one is refused.
-        if not all([_remove_quietly(store, artifact_id) for artifact_id in ids]):  # noqa: C419
+        if not all([remove_quietly(store, artifact_id) for artifact_id in ids]):  # noqa: C419
             continue  # the store refused: the next clean-up tries again, so nothing is orphaned
         record.CHECKPOINT_DELETED.set(study, trial.number, k)
         cleaned.append(trial.number)

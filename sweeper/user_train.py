@@ -147,7 +147,7 @@ class TrialContext:
         record.RESUME.set(self.trial, {"id": artifact_id, "step": len(self.reported),
                                        "sha256": hashlib.sha256(data).hexdigest()})
         if previous:
-            _remove_quietly(self.store, previous["id"])
+            checkpoints.remove_quietly(self.store, previous["id"])
 
     def load(self, folder: str | Path | None = None) -> dict[str, Any] | None:
         """The state the latest earlier attempt of this trial saved, or None for a fresh start;
@@ -264,13 +264,6 @@ def _unpack(packed: torch.Tensor, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(packed.numpy().tobytes()), mode="r") as tar:
         tar.extractall(folder, filter="data")  # no absolute paths, no links out of the folder
-
-
-def _remove_quietly(store: Any, artifact_id: str) -> None:
-    try:
-        store.remove(artifact_id)
-    except Exception as exc:  # noqa: BLE001  (already gone, or the store is down: it is only an old state)
-        logger.debug("could not remove %s (%s)", artifact_id, exc)
 
 
 def run(train: TrainFunction, trial: optuna.Trial, params: dict[str, Any], context: TrialContext,

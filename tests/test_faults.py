@@ -10,6 +10,9 @@ no trial lost to the fault (none failed for good), and no orphaned file in the a
 - every trial failing: the launcher says why in one line and exits 1.
 
 The sweeps are the tiny study of tests/helpers.py: 3 trials, one epoch of 400 sentences.
+Each fault runs once in the default run on that smallest sweep; what repeats it or makes it
+heavier (cuts under two workers of longer trials, forked creators round after round) and the
+every-trial-failing launch carry the `long` mark, for CI's run after the default one.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from sweeper.errors import SweepError
 from tests.conftest import PG_ADMIN_URL, PrivatePostgres
 from tests.helpers import ROOT, TINY_STUDY, write_study
 
-pytestmark = [pytest.mark.slow, pytest.mark.long, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 TRIALS = 3
 SWEEP_SETS = [f"n_trials={TRIALS}", "pruner=none", "keep=2"]
@@ -192,10 +195,14 @@ class ConnectionCutter(threading.Thread):
         engine.dispose()
 
 
-def test_a_sweep_whose_connections_are_cut_again_and_again_ends_exactly(
-        tmp_path: Path, pg_url: str, sweeps: list[Sweep]) -> None:
+@pytest.mark.parametrize("workers, n_train", [
+    pytest.param(1, 400, id="one-worker"),
     # Trials of 1,600 sentences (a few seconds each here), so that the cuts meet every part of them.
-    sweep = Sweep(tmp_path, pg_url, "--workers", "2", sets=[*SWEEP_SETS, "data.n_train=1600"])
+    pytest.param(2, 1600, id="two-workers-longer-trials", marks=pytest.mark.long),
+])
+def test_a_sweep_whose_connections_are_cut_again_and_again_ends_exactly(
+        tmp_path: Path, pg_url: str, sweeps: list[Sweep], workers: int, n_train: int) -> None:
+    sweep = Sweep(tmp_path, pg_url, "--workers", str(workers), sets=[*SWEEP_SETS, f"data.n_train={n_train}"])
     sweeps.append(sweep)
     sweep.wait_for(running)  # the study and its tickets exist: cut from now to the end
     cutter = ConnectionCutter(pg_url.rsplit("/", 1)[1])
@@ -396,6 +403,7 @@ def _add_tickets_at(url: str, name: str, start: float, n_trials: int) -> None:
     opened.dispose()
 
 
+@pytest.mark.long  # repeated: the real `sweeper create` test above is the default run's
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_forked_creators_leave_exactly_the_budget_round_after_round(
         tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
@@ -424,6 +432,7 @@ def test_forked_creators_leave_exactly_the_budget_round_after_round(
 # --------------------------------------------------------------------------- every trial failing
 
 
+@pytest.mark.long
 def test_a_launch_whose_every_trial_fails_exits_1_naming_the_failures(tmp_path: Path, sweeps: list[Sweep]) -> None:
     # Drawn batch sizes are checked when a trial starts, so each trial fails at once.
     sweep = Sweep(tmp_path, f"sqlite:///{tmp_path / 'study.db'}", "--workers", "1",

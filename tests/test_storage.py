@@ -90,6 +90,9 @@ def _terminate_connections(url: str) -> int:
 
 
 @pytest.mark.slow
+# Six trials of two epochs on two workers: the default run's versions of these outages are the
+# smaller sweeps of tests/test_faults.py (a server restart, connections cut again and again).
+@pytest.mark.long
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("outage", ["restart", "terminate"])
 def test_workers_reconnect_after_the_database_goes_away_mid_sweep(tmp_path: Path, private_pg, outage: str) -> None:  # type: ignore[no-untyped-def]

@@ -16,11 +16,16 @@ logger = logging.getLogger(__name__)
 
 
 def member_bytes(adapter: ModelAdapter, depth: int, batch_size: int, max_length: int) -> int:
-    """What one member adds to the device: its trainable weights four times (weights,
-    gradient, AdamW's two moments), the l2sp start and the gathered gradient, and its
-    activations (about 40 floats per token and width for each trainable BERT block, as the
-    backward pass keeps them, and an S×S attention matrix per head)."""
+    """What one member adds to the device: its trainable weights six times (weights,
+    gradient, AdamW's two moments, the l2sp start and the gathered gradient), and its
+    activations as the backward pass keeps them. A BERT block: about 40 floats per token and
+    width, and an S×S attention matrix per head (``max_length`` is S). A ResNet block: about
+    12 feature maps of 128 channels at a quarter of the image side (``max_length`` is the
+    image side), an over-estimate for every torchvision ResNet but the stem."""
     trainable = sum(p.numel() for p in freeze.apply(adapter, depth))
+    if adapter.kind == "image":
+        activations = (depth + 1) * 12 * batch_size * 128 * (max_length // 4) ** 2
+        return 4 * (6 * trainable + activations)
     config = adapter.model.config
     width, heads = int(config.hidden_size), int(config.num_attention_heads)
     tokens = batch_size * max_length

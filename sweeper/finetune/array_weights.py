@@ -33,6 +33,7 @@ class StackedWeights:
         # contiguous segments, the one AdamW decays and the one it does not (loop._optimizer).
         names = [n for n in names if row[n].dim() >= 2] + [n for n in names if row[n].dim() < 2]
         self.names, self.device = names, device
+        self.dtype = row[names[0]].dtype if names else torch.float32  # the model's (fp32; fp64 in exactness tests)
         self.decayed = int(sum(row[n].numel() for n in names if row[n].dim() >= 2))
         self.rows: list[Hyper] = []  # each member's hyperparameters, as Python numbers
         self.rates: list[tuple[float, float, float]] = []  # its dropout: hidden, attention, classifier
@@ -40,15 +41,15 @@ class StackedWeights:
         sizes = [int(row[n].numel()) for n in names]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
         width = int(self.offsets[-1])
-        self.pretrained = torch.zeros(width, device=device)
+        self.pretrained = torch.zeros(width, device=device, dtype=self.dtype)
         for n, a, b in zip(names, self.offsets[:-1], self.offsets[1:]):
             if n in pretrained:
                 self.pretrained[a:b] = 1.0
-        empty = torch.zeros(0, width, device=device)
+        empty = torch.zeros(0, width, device=device, dtype=self.dtype)
         self.flat, self.first, self.second, self.start = empty, empty.clone(), empty.clone(), empty.clone()
-        self.norm = torch.zeros(0, device=device)  # Σ‖w⁰‖² per member (l2sp)
+        self.norm = torch.zeros(0, device=device, dtype=self.dtype)  # Σ‖w⁰‖² per member (l2sp)
         columns = ("lr", "wd", "beta2", "clip", "smoothing", "lam")
-        self.hyper = torch.zeros(0, len(columns), device=device)
+        self.hyper = torch.zeros(0, len(columns), device=device, dtype=self.dtype)
         self.views: dict[str, torch.Tensor] = {}
 
     def _col(self, i: int) -> torch.Tensor:
@@ -63,15 +64,16 @@ class StackedWeights:
         return self.hyper[:, 5]
 
     def append(self, row: dict[str, torch.Tensor], hyper: Hyper, rates: tuple[float, float, float]) -> None:
-        flat = torch.cat([row[n].reshape(-1).to(self.device, torch.float32) for n in self.names]).unsqueeze(0)
+        flat = torch.cat([row[n].reshape(-1).to(self.device, self.dtype) for n in self.names]).unsqueeze(0)
         zeros = torch.zeros_like(flat)
         norm = float((flat.double() * self.pretrained.double()).pow(2).sum()) or 1.0
         self.rows.append(hyper)
         self.rates.append(rates)
         values = torch.tensor([[hyper.learning_rate, hyper.weight_decay, hyper.adam_beta2, hyper.max_grad_norm,
-                                hyper.label_smoothing, hyper.pretrain_loss_weight]], device=self.device)
+                                hyper.label_smoothing, hyper.pretrain_loss_weight]], device=self.device,
+                              dtype=self.dtype)
         self._rebuild(torch.cat([self.flat, flat]), torch.cat([self.first, zeros]), torch.cat([self.second, zeros]),
-                      torch.cat([self.start, flat.clone()]), torch.cat([self.norm, torch.tensor([norm], device=self.device)]),
+                      torch.cat([self.start, flat.clone()]), torch.cat([self.norm, torch.tensor([norm], device=self.device, dtype=self.dtype)]),
                       torch.cat([self.hyper, values]))
 
     def drop(self, index: int) -> None:

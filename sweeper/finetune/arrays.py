@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from sweeper import record
 from sweeper.errors import SweepError
-from sweeper.finetune import array_layers, freeze, loop, metrics, prefix
+from sweeper.finetune import array_layers, array_resnet, freeze, loop, metrics, prefix
 from sweeper.finetune.array_weights import StackedWeights
 from sweeper.finetune.data import PreparedData, evaluation_batches, training_batches
 from sweeper.finetune.loop import Hooks, Hyper, LoopResult, LoopSettings, NonFiniteLoss, Preempted, TrainState
@@ -83,10 +83,7 @@ class Member:
     def save(self, folder: Path, weights: dict[str, torch.Tensor], tokenizer: Any = None) -> None:
         """``weights`` (a result's ``best_model``, or a state's ``model``) into the member's
         own adapter, saved as an ordinary model folder (``from_pretrained`` loads it)."""
-        params = dict(self.adapter.named_parameters())
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value)
+        loop.load_trained(self.adapter, weights)
         self.adapter.save(folder, tokenizer)
 
 
@@ -100,6 +97,7 @@ class MemberOutcome:
     error: BaseException | None
     batch_start: int  # the array position it joined at (what a retry alone needs)
     losses: list[float] = field(default_factory=list)  # its loss at every step, with ``trace``
+    device_seconds: float = 0.0  # its share of the array's steps and evaluations
 
 
 @dataclass
@@ -147,6 +145,7 @@ class TrialArray:
         self._orders: dict[int, list[np.ndarray]] = {}
         self._lengths = data.train.lengths()
         self.buffers: StackedWeights | None = None
+        self.stats: array_resnet.RunningStats | None = None  # a ResNet's, per member
         self.on_leave: Callable[[MemberOutcome], None] | None = None
 
     # ------------------------------------------------------------------ membership
@@ -167,8 +166,14 @@ class TrialArray:
         names = {id(p): n for n, p in adapter.named_parameters()}
         start = freeze.first_trainable_block(depth, adapter.num_blocks)
         if self._base is None:
-            self._base = adapter.to(self.device)
-            self.plan = array_layers.text_plan(adapter, start)
+            # Only its frozen bottom runs here, in evaluation mode as a trial alone runs it
+            # (freeze.set_train_mode): a torchvision model is built in training mode.
+            self._base = adapter.to(self.device).eval()
+            if adapter.kind == "image":  # grouped convolutions, per-member BatchNorm statistics
+                self.plan: Any = array_resnet.resnet_plan(adapter, start)
+                self.stats = array_resnet.RunningStats(self.plan.norms, self.device)
+            else:
+                self.plan = array_layers.text_plan(adapter, start)
             self.start = start
             self.caches = loop._Caches(adapter, self.data, start, self.settings, None)
             self.frozen_digest = prefix.weights_digest([adapter.stem, *adapter.blocks[:start]])
@@ -182,6 +187,8 @@ class TrialArray:
         if self.buffers is None:
             self.buffers = StackedWeights(slot.names, row, pretrained, self.device)
         self.buffers.append(row, member.hyper, _rates(member))
+        if self.stats is not None:
+            self.stats.join(adapter)
         self.slots.append(slot)
 
     def remove(self, key: Hashable) -> None:
@@ -189,6 +196,8 @@ class TrialArray:
         index = next(i for i, s in enumerate(self.slots) if s.member.key == key)
         assert self.buffers is not None
         self.buffers.drop(index)
+        if self.stats is not None:
+            self.stats.leave(index)
         del self.slots[index]
 
     def alone_settings(self, key: Hashable) -> LoopSettings:
@@ -238,11 +247,13 @@ class TrialArray:
         tick = time.perf_counter()
         buffers, slots = self.buffers, self.slots
         indices = self._batch()
+        if getattr(self.data.train, "augment", False):  # one augmented batch for all, as a retry alone draws it
+            loop._seed_step(self.device, loop.augment_seed(self.settings.seed, self.position))
         batch = self.data.train.batch(indices, self.device)
         noise = self._noise(training=True)
         with loop._autocast(self.device, self.settings.bf16):
             hidden, mask = self._bottom(batch, indices, self.caches.prefix_train)
-            logits = array_layers.forward(self.plan, buffers.views, hidden, batch, mask, noise)
+            logits = self._forward(buffers.views, self.stats, hidden, batch, mask, noise, training=True)
             smoothing = buffers.smoothing if any(h.label_smoothing > 0 for h in buffers.rows) else None
             task = _task_losses(logits, batch["labels"], smoothing)
         task.sum().backward()
@@ -250,6 +261,8 @@ class TrialArray:
             drift = buffers.step([s.state.step for s in slots], [s.warmup for s in slots], self.total)
             loss = task.detach() + buffers.lam * drift
         self.position += 1
+        if self.stats is not None:
+            self.stats.trained()
         share = (time.perf_counter() - tick) / len(slots)  # the step's time, split evenly
         for k, slot in enumerate(slots):
             slot.state.step += 1
@@ -286,7 +299,8 @@ class TrialArray:
             slot = self.slots[k]
             result, error = leaving[k]
             traced = [float(x) for x in torch.stack(slot.trace).cpu()] if slot.trace else []
-            outcome = MemberOutcome(slot.member, result, error, slot.joined, traced)
+            outcome = MemberOutcome(slot.member, result, error, slot.joined, traced,
+                                    slot.train_seconds + slot.eval_seconds)
             self.outcomes.append(outcome)
             logger.info("trial %s leaves the array at step %d (%s)", slot.member.key, slot.state.step,
                         "finished" if error is None else type(error).__name__)
@@ -313,7 +327,7 @@ class TrialArray:
             improved = record.better(value, state.best_value, direction)
             if improved:
                 state.best_value, state.best_evaluation, state.best_metrics = value, state.evaluations, figures
-                state.best_model = self.weights(k)
+                state.best_model = self.trained(k)
             try:
                 hooks.evaluated(state.evaluations, value, figures, improved, functools.partial(self.snapshot, k))
             except Exception as exc:  # optuna.TrialPruned, or the hooks' own failure: this member only
@@ -326,6 +340,7 @@ class TrialArray:
         split, device = self.data.validation, self.device
         rows = self.buffers.flat.index_select(0, torch.tensor(members, device=device))
         views = self.buffers.split(rows)
+        stats = self.stats.subset(members) if self.stats is not None else None
         noise = self._noise(training=False)
         predictions: list[torch.Tensor] = []
         labels: list[torch.Tensor] = []
@@ -334,7 +349,7 @@ class TrialArray:
             for indices in evaluation_batches(split.lengths(), max(self.structure.batch_size, 64)):
                 batch = split.batch(indices, device)
                 hidden, mask = self._bottom(batch, indices, self.caches.prefix_validation)
-                logits = array_layers.forward(self.plan, views, hidden, batch, mask, noise).float()
+                logits = _full(self._forward(views, stats, hidden, batch, mask, noise, training=False))
                 gold = batch["labels"].unsqueeze(0).expand(len(members), -1)
                 loss_sum += F.cross_entropy(logits.transpose(1, 2), gold, reduction="none").double().sum(1)
                 predictions.append(logits.argmax(-1))
@@ -352,6 +367,8 @@ class TrialArray:
         it holds the batch), and the attention mask; at full depth no output, only the mask."""
         adapter, start = self._base, self.start
         assert adapter is not None
+        if start == 0 and self.stats is not None:
+            return None, None  # a ResNet's stem trains: the members' own pixels through it
         if start == 0:
             ids = batch["input_ids"]
             shape_only = torch.empty(*ids.shape, self.plan_width, device=ids.device)
@@ -364,7 +381,15 @@ class TrialArray:
                 hidden = adapter.run(hidden, context, adapter.blocks[:start])
             if store is not None:
                 store.store(indices, hidden)
-        return hidden, adapter.context(batch, hidden)[0]
+        return hidden, (adapter.context(batch, hidden) or [None])[0]
+
+    def _forward(self, views: dict[str, torch.Tensor], stats: array_resnet.RunningStats | None,
+                 hidden: torch.Tensor | None, batch: dict[str, torch.Tensor], mask: Any,
+                 noise: array_layers.Noise, training: bool) -> torch.Tensor:
+        """Logits [K, B, labels] of the members ``views`` holds."""
+        if stats is not None:
+            return array_resnet.forward(self.plan, views, stats, hidden, batch, training)
+        return array_layers.forward(self.plan, views, hidden, batch, mask, noise)
 
     @property
     def plan_width(self) -> int:
@@ -391,6 +416,14 @@ class TrialArray:
         assert self.buffers is not None
         return self.buffers.split(self.buffers.flat[k].detach().to("cpu", copy=True))
 
+    def trained(self, k: int) -> dict[str, torch.Tensor]:
+        """What training changed of member ``k``: its weights, and a ResNet's BatchNorm
+        statistics (as ``loop.train``'s best model and resume state hold them)."""
+        found = self.weights(k)
+        if self.stats is not None:
+            found.update(self.stats.of(k))
+        return found
+
     def snapshot(self, k: int) -> TrainState:
         """Member ``k``'s resume state, in the form ``loop.train(resume=...)`` loads."""
         assert self.buffers is not None
@@ -411,7 +444,7 @@ class TrialArray:
         scheduler.last_epoch, scheduler._step_count = state.step, state.step + 1
         scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
         return TrainState(
-            state.step, state.evaluations, self.weights(k), optimizer.state_dict(), scheduler.state_dict(),
+            state.step, state.evaluations, self.trained(k), optimizer.state_dict(), scheduler.state_dict(),
             list(state.history), state.best_value, state.best_evaluation, dict(state.best_metrics),
             state.best_model,
         )
@@ -430,6 +463,8 @@ class TrialArray:
 
 def _rates(member: Member) -> tuple[float, float, float]:
     """The member's dropout rates (hidden, attention, classifier), as its own model has them."""
+    if member.adapter.kind == "image":
+        return (0.0, 0.0, 0.0)  # a ResNet has no dropout
     config = member.adapter.model.config
     classifier = getattr(member.adapter.model, "dropout", None)
     return (float(config.hidden_dropout_prob), float(config.attention_probs_dropout_prob),
@@ -439,12 +474,17 @@ def _rates(member: Member) -> tuple[float, float, float]:
 def _task_losses(logits: torch.Tensor, labels: torch.Tensor, smoothing: torch.Tensor | None) -> torch.Tensor:
     """Each member's ``losses.task_loss`` ([K]): cross-entropy with its own label smoothing,
     (1 − ε)·NLL + ε·mean over classes of −log p, as ``F.cross_entropy`` defines it."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = torch.log_softmax(_full(logits), dim=-1)
     nll = -logp.gather(2, labels.view(1, -1, 1).expand(logp.shape[0], -1, 1)).squeeze(2).mean(1)
     if smoothing is None:  # no member smooths
         return nll
     uniform = -logp.mean(2).mean(1)
     return (1 - smoothing) * nll + smoothing * uniform
+
+
+def _full(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in fp32 at least (bf16 under autocast), as the loss and the metrics read them."""
+    return logits if logits.dtype == torch.float64 else logits.float()
 
 
 def _check(slot: _Slot) -> BaseException | None:

@@ -30,6 +30,7 @@ freezes with ``requires_grad=False`` alone:
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from sweeper.errors import SweepError
@@ -64,6 +65,19 @@ def apply(adapter: ModelAdapter, depth: int) -> list[nn.Parameter]:
         for p in module.parameters():
             p.requires_grad_(True)
     return [p for p in adapter.parameters() if p.requires_grad]
+
+
+def trained_buffers(adapter: ModelAdapter, depth: int) -> dict[str, torch.Tensor]:
+    """The buffers that training changes, by the model's own names: those of the trainable
+    part (a ResNet's BatchNorm running statistics). A resume state and a best model carry
+    them beside the trainable parameters, or a resumed trial and an exported checkpoint would
+    evaluate with statistics of another step (or the pretrained ones)."""
+    start = first_trainable_block(depth, adapter.num_blocks)
+    modules: list[nn.Module] = [*adapter.blocks[start:], *adapter.head_modules]
+    if depth == adapter.num_blocks:
+        modules.append(adapter.stem)
+    owned = {id(b) for module in modules for b in module.buffers()}
+    return {name: b for name, b in adapter.model.named_buffers() if id(b) in owned}
 
 
 def pretrained_parameters(adapter: ModelAdapter, depth: int) -> dict[str, nn.Parameter]:

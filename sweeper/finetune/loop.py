@@ -120,7 +120,7 @@ class LoopResult:
     best_value: float
     best_evaluation: int
     best_metrics: dict[str, float]
-    best_model: dict[str, torch.Tensor]  # trainable parameters at the best evaluation, on CPU
+    best_model: dict[str, torch.Tensor]  # trainable parameters and trained buffers at the best evaluation, on CPU
     history: list[tuple[int, float]]
     steps: int
     train_seconds: float
@@ -225,8 +225,9 @@ def _train(
     # -------------------------------------------------------------------- resume
     state = TrainState(0, 0, {}, {}, {}, [], None, None, {}, None)
     names = {id(p): n for n, p in adapter.named_parameters()}
+    buffers = freeze.trained_buffers(adapter, depth)
     if resume is not None:
-        _load_trainable(adapter, resume.model)
+        load_trained(adapter, resume.model)
         optimizer.load_state_dict(resume.optimizer)
         scheduler.load_state_dict(resume.scheduler)
         state = resume
@@ -235,7 +236,7 @@ def _train(
 
     def snapshot() -> TrainState:
         return TrainState(
-            step, state.evaluations, {names[id(p)]: p.detach().cpu().clone() for p in trainable},
+            step, state.evaluations, trained_state(trainable, names, buffers),
             optimizer.state_dict(), scheduler.state_dict(), list(state.history), state.best_value,
             state.best_evaluation, dict(state.best_metrics), state.best_model,
         )
@@ -268,7 +269,7 @@ def _train(
         if improved:
             state.best_value, state.best_evaluation = value, state.evaluations
             state.best_metrics = scores
-            state.best_model = {names[id(p)]: p.detach().cpu().clone() for p in trainable}
+            state.best_model = trained_state(trainable, names, buffers)
         hooks.evaluated(state.evaluations, value, scores, improved, snapshot)
         segment = time.perf_counter()
 
@@ -281,7 +282,13 @@ def _train(
             _seed_step(device, settings.seed * 1_000_003 + step)  # dropout: the same on a resume
             if call is not None:
                 compiled.step_begins(settings.compile_mode)
-            batch = ready if ready is not None else data.train.batch(indices, device)
+            if settings.batch_seed is not None and getattr(data.train, "augment", False) and ready is None:
+                # The array's augmentation for this batch, then the trial's own dropout seed again.
+                _seed_step(device, augment_seed(settings.batch_seed, settings.batch_start + step))
+                batch = data.train.batch(indices, device)
+                _seed_step(device, settings.seed * 1_000_003 + step)
+            else:
+                batch = ready if ready is not None else data.train.batch(indices, device)
             with autocast:
                 logits, forward = forward_pass(adapter, batch, start, indices=indices,
                                                store=caches.prefix_train, call=call)
@@ -336,6 +343,13 @@ def batch_order_seed(settings: LoopSettings, epoch: int) -> int:
     """The seed of epoch ``epoch``'s batch order (``training_batches``)."""
     seed = settings.seed if settings.batch_seed is None else settings.batch_seed
     return seed * 1_000_003 + epoch
+
+
+def augment_seed(batch_seed: int, position: int) -> int:
+    """The seed of the augmentation drawn for batch ``position`` of a batch order that is not
+    the trial's own: a trial array draws one augmented batch for all its members, and a
+    member's retry alone draws the same (``LoopSettings.batch_seed``)."""
+    return (batch_seed * 1_000_003 + position) ^ 0x5EED
 
 
 def learning_rate_factor(step: int, warmup: int, total: int) -> float:
@@ -398,9 +412,11 @@ def evaluate(
         for indices in evaluation_batches(split.lengths(), max(batch_size, 64)):
             batch = split.batch(indices, device)
             if store is not None and start > 0:
-                logits = forward_pass(adapter, batch, start, indices=indices, store=store)[0].float()
+                logits = forward_pass(adapter, batch, start, indices=indices, store=store)[0]
+                logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             else:
-                logits = adapter(batch).float()
+                logits = adapter(batch)
+                logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").double()
             predictions.append(logits.argmax(-1))
             labels.append(batch["labels"])
@@ -537,11 +553,21 @@ def _optimizer(adapter: ModelAdapter, trainable: list[torch.nn.Parameter], hyper
     )
 
 
-def _load_trainable(adapter: ModelAdapter, tensors: dict[str, torch.Tensor]) -> None:
-    params = dict(adapter.named_parameters())
+def load_trained(adapter: ModelAdapter, tensors: dict[str, torch.Tensor]) -> None:
+    """``tensors`` (a best model, or a resume state's model: trainable parameters and trained
+    buffers, by the model's names) into ``adapter``."""
+    targets = {**dict(adapter.model.named_buffers()), **dict(adapter.named_parameters())}
     with torch.no_grad():
         for name, value in tensors.items():
-            params[name].copy_(value)
+            targets[name].copy_(value)
+
+
+def trained_state(trainable: list[torch.nn.Parameter], names: dict[int, str],
+                  buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy on the CPU of what training changed: the trainable parameters and buffers."""
+    state = {names[id(p)]: p.detach().cpu().clone() for p in trainable}
+    state.update({name: b.detach().cpu().clone() for name, b in buffers.items()})
+    return state
 
 
 def _autocast_dtype(device: torch.device, bf16: bool) -> torch.dtype | None:

@@ -55,7 +55,9 @@ PRETRAIN_LOSSES = ("none", "l2sp", "distill", "mlm")
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    # fp32 at least (bf16 logits under autocast are widened); fp64 stays fp64 (exactness tests).
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels,
+                           label_smoothing=label_smoothing)
 
 
 @dataclass
@@ -89,7 +91,9 @@ class L2SP(PretrainLoss):
     def __call__(self, adapter: ModelAdapter, forward: Pass) -> torch.Tensor:
         if not self.params:
             return torch.zeros((), device=forward.top.device)
-        drift = sum((p.float() - w).pow(2).sum() for p, w in zip(self.params, self.start))
+        # fp32 at least (a bf16 parameter is widened); fp64 stays fp64 (the arrays' exactness tests).
+        drift = sum((p.to(torch.promote_types(p.dtype, torch.float32)) - w).pow(2).sum()
+                    for p, w in zip(self.params, self.start))
         return drift / self.norm  # type: ignore[return-value]
 
 

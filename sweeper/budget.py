@@ -207,6 +207,6 @@ def gpu_seconds_spent(trials: list[FrozenTrial]) -> float:
         if t.state.is_finished():
             total += float(record.GPU_SECONDS.get(t, 0.0))
         elif t.state == TrialState.RUNNING and t.datetime_start is not None:
-            devices = int(record.DEVICES.get(t, 1))
+            devices = float(record.DEVICES.get(t, 1))
             total += max(0.0, now - t.datetime_start.timestamp()) * devices
     return total

@@ -148,6 +148,9 @@ _WORKERS.add_argument("--grace", type=int, metavar="S",
 _WORKERS.add_argument("--keep", type=int, metavar="K",
                       help="keep the checkpoints of the best K trials, delete the rest as the sweep "
                            "runs (default: the study's `keep`, 3 unless it says otherwise)")
+_WORKERS.add_argument("--array-size", type=int, metavar="K",
+                      help="trials each worker trains at once as one stacked model (trial arrays; "
+                           "default: the study's `array_size`, 1 = one at a time)")
 
 _BUDGET = _flags()  # the global budget, set where the study is created: `launch` and `create`
 _BUDGET.add_argument("--n-trials", type=int, metavar="N", help="trials in all, across every worker and machine")
@@ -226,6 +229,8 @@ def cmd_launch(args: argparse.Namespace, join: bool = False) -> int:
 
     if args.keep is not None:  # the study's `keep`, overridden for this machine's workers too
         args.set = [*(args.set or []), f"keep={args.keep}"]
+    if args.array_size is not None:  # as --keep: a study value, for this machine's workers
+        args.set = [*(args.set or []), f"array_size={args.array_size}"]
     starter = processes.starter()
     if Path(args.study).is_file():
         starter.warm_up()  # the worker template imports torch while this process reads, checks and tokenises
@@ -333,6 +338,8 @@ def cmd_best(args: argparse.Namespace) -> int:
     check_out(Path(args.out), folder=True)
     if args.keep is not None:  # as for `launch`: the seed trials' workers keep K
         args.set = [*(args.set or []), f"keep={args.keep}"]
+    if args.array_size is not None:  # as --keep: a study value, for this machine's workers
+        args.set = [*(args.set or []), f"array_size={args.array_size}"]
     sweep = _load(args)
     study = _open_study(args, sweep)
     if args.soup and args.trial is not None:

@@ -23,7 +23,9 @@ from sweeper.study import Sweep
 
 # May differ between machines or launches: where things go, the budget (which the study carries
 # itself), how many checkpoints a machine keeps, how often a cut-off trial is retried.
-PER_MACHINE = ("storage", "artifacts", "output_dir", "n_trials", "timeout", "gpu_hours", "keep", "max_retries")
+# array_size too: a bigger device holds a bigger array, and each member is an ordinary trial.
+PER_MACHINE = ("storage", "artifacts", "output_dir", "n_trials", "timeout", "gpu_hours", "keep", "max_retries",
+               "array_size")
 SHOWN_DIFFERENCES = 5  # a refusal names this many differences, then counts the rest
 
 

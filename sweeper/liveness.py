@@ -14,6 +14,10 @@ parameters is queued by :class:`sweeper.worker.RetryCallback`):
    storages): the worker writes the time into the trial's ``heartbeat_at`` user attribute, and
    the same reaping compares it with the grace period. This is what keeps a sweep behind
    ``sweeper proxy`` from waiting forever on a trial whose machine died.
+
+A trial that ``pruner="asha"`` paused is WAITING, not RUNNING, so no reaper judges it while it
+waits; the worker that promotes it renews its beat (:func:`renew`) before claiming it back, so
+the beat it left when it paused does not make it look dead.
 """
 
 from __future__ import annotations
@@ -51,16 +55,32 @@ def mark_owner(trial: optuna.Trial) -> None:
     record.PID.set(trial, pid)
 
 
-class Heartbeat:
-    """A thread that keeps ``trial_id`` alive; a failed beat is logged and retried, never fatal."""
+def renew(storage: Any, trial_id: int) -> None:
+    """One beat for ``trial_id`` now, of the kind the storage keeps."""
+    if native(storage):
+        storage.record_heartbeat(trial_id)
+    else:
+        storage.set_trial_system_attr(trial_id, record.HEARTBEAT_AT.key, time.time())
 
-    def __init__(self, storage: Any, trial_id: int, interval: float) -> None:
-        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+
+class Heartbeat:
+    """A thread that keeps its trials alive (one, or the members of an array as they come and
+    go); a failed beat is logged and retried, never fatal."""
+
+    def __init__(self, storage: Any, trial_id: int | None, interval: float) -> None:
+        self.storage, self.interval = storage, interval
+        self.trial_ids: set[int] = set() if trial_id is None else {trial_id}
         self.native = native(storage)
         if self.native:
             self.interval = storage.get_heartbeat_interval()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._beat, name="sweeper-heartbeat", daemon=True)
+
+    def add(self, trial_id: int) -> None:
+        self.trial_ids = self.trial_ids | {trial_id}  # a new set: the thread may be reading the old one
+
+    def discard(self, trial_id: int) -> None:
+        self.trial_ids = self.trial_ids - {trial_id}
 
     def __enter__(self) -> Heartbeat:
         self.thread.start()
@@ -72,15 +92,16 @@ class Heartbeat:
 
     def _beat(self) -> None:
         while not self.done.is_set():
-            try:
-                if self.native:
-                    self.storage.record_heartbeat(self.trial_id)
-                else:
-                    self.storage.set_trial_system_attr(self.trial_id, record.HEARTBEAT_AT.key, time.time())
-            except optuna.exceptions.UpdateFinishedTrialError:
-                return  # somebody failed the trial (a long stall): nothing left to keep alive
-            except Exception as exc:  # the storage is briefly down: the next beat tries again
-                logger.warning("heartbeat failed: %s", mask(" ".join(str(exc).split()))[:160])
+            for trial_id in self.trial_ids:
+                try:
+                    if self.native:
+                        self.storage.record_heartbeat(trial_id)
+                    else:
+                        self.storage.set_trial_system_attr(trial_id, record.HEARTBEAT_AT.key, time.time())
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    self.discard(trial_id)  # somebody failed the trial (a long stall): nothing left to keep alive
+                except Exception as exc:  # the storage is briefly down: the next beat tries again
+                    logger.warning("heartbeat failed: %s", mask(" ".join(str(exc).split()))[:160])
             self.done.wait(self.interval)
 
 

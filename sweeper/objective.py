@@ -13,18 +13,30 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
 import torch
 from optuna.trial import FrozenTrial
 
-from sweeper import __version__, checkpoints, configuration, record
+from sweeper import __version__, checkpoints, configuration, promotion, record
 from sweeper import space as space_mod
 from sweeper.errors import SweepError
 from sweeper.finetune import freeze
 from sweeper.finetune.data import PreparedData, prepare
-from sweeper.finetune.loop import Hooks, Hyper, LoopSettings, NonFiniteLoss, Preempted, TrainState, train
+from sweeper.finetune.loop import (
+    Hooks,
+    Hyper,
+    LoopResult,
+    LoopSettings,
+    NonFiniteLoss,
+    Preempted,
+    TrainState,
+    load_trained,
+    train,
+)
 from sweeper.outcome import Outcome, WorkerInfo
 from sweeper.study import Sweep
 
@@ -84,38 +96,53 @@ class Objective:
         started = time.time()
         self.timings = {}
         try:
-            record.WORKER.set(trial, self.worker.index)  # inside: a reaper may have failed it already
-            record.DEVICE.set(trial, self.worker.device if self.worker.physical_gpu is None
-                              else f"cuda (GPU {self.worker.physical_gpu})")
-            record.DEVICES.set(trial, 1)
+            self.mark_device(trial, devices=1)  # inside: a reaper may have failed it already
             value = self._train(trial) if self.sweep.train is None else self._train_user(trial)
-        except optuna.TrialPruned as exc:
-            self._finish(trial, started)
+        except Exception as exc:
+            return self.ended(trial, exc, lambda reason: self._finish(trial, started, reason=reason))
+        self._finish(trial, started, ended_early=False)
+        return Outcome(optuna.trial.TrialState.COMPLETE, value=value)
+
+    def mark_device(self, trial: optuna.Trial, devices: float) -> None:
+        """Who trains ``trial`` and on what share of a device (a member of an array of K: 1/K)."""
+        record.WORKER.set(trial, self.worker.index)
+        record.DEVICE.set(trial, self.worker.device if self.worker.physical_gpu is None
+                          else f"cuda (GPU {self.worker.physical_gpu})")
+        record.DEVICES.set(trial, devices)
+
+    def ended(self, trial: optuna.Trial, exc: BaseException, finish: Callable[[str | None], None]) -> Outcome:
+        """How a trial that raised ``exc`` ended; ``finish(reason)`` records it and tidies up
+        (not for a preempted trial, whose resume state its retry needs)."""
+        if isinstance(exc, optuna.TrialPruned):
+            finish(None)
             return Outcome(optuna.trial.TrialState.PRUNED, reason=str(exc) or None)
-        except Preempted as exc:
+        if isinstance(exc, Preempted):
             return Outcome(optuna.trial.TrialState.FAIL, reason=f"preempted: {exc}", preempted=True)
-        except optuna.exceptions.UpdateFinishedTrialError:
+        if isinstance(exc, promotion.Paused):  # waits for a promotion: its resume state stays
+            return Outcome(optuna.trial.TrialState.WAITING, reason=str(exc))
+        if isinstance(exc, optuna.exceptions.UpdateFinishedTrialError):
             # Another process failed this trial (its heartbeat looked stale, e.g. while the
             # database was down longer than the grace period) and queued its retry: stop here.
             logger.warning("trial %d was failed by another process; dropping it", trial.number)
             return Outcome(optuna.trial.TrialState.FAIL, reason="failed by another process (stale heartbeat)")
-        except (SweepError, torch.cuda.OutOfMemoryError, MemoryError) as exc:
-            reason = _one_line(exc, trial)
-            self._finish(trial, started, reason=reason)
-            return Outcome(optuna.trial.TrialState.FAIL, reason=reason)
-        except Exception as exc:  # a bug or an unexpected library error: fail this trial only
-            logger.exception("trial %d raised", trial.number)
-            reason = _one_line(exc, trial)
-            self._finish(trial, started, reason=reason)
-            return Outcome(optuna.trial.TrialState.FAIL, reason=reason)
-        self._finish(trial, started, ended_early=False)
-        return Outcome(optuna.trial.TrialState.COMPLETE, value=value)
+        if not isinstance(exc, (SweepError, torch.cuda.OutOfMemoryError, MemoryError)):
+            # A bug or an unexpected library error: fail this trial only.
+            logger.error("trial %d raised", trial.number, exc_info=exc)
+        reason = _one_line(exc, trial)
+        finish(reason)
+        return Outcome(optuna.trial.TrialState.FAIL, reason=reason)
 
     def _finish(self, trial: optuna.Trial, started: float, reason: str | None = None,
-                ended_early: bool = True) -> None:
-        record.GPU_SECONDS.set(trial, round(time.time() - started, 3))
+                ended_early: bool = True, timings: dict[record.Field[float], float] | None = None,
+                device_seconds: float | None = None) -> None:
+        """Record how ``trial`` ended and tidy up. ``device_seconds``: its share of the device
+        (a member of an array), else the time since ``started``; ``timings``: its last
+        evaluation point's, else the running trial's (``self.timings``)."""
+        spent = time.time() - started if device_seconds is None else device_seconds
+        spent += float(record.GPU_SECONDS.get(trial, 0.0))  # a promoted trial's runs before its pauses
+        record.GPU_SECONDS.set(trial, round(spent, 3))
         if ended_early:  # pruned or failed: the timings as of its last evaluation point
-            for field, value in self.timings.items():
+            for field, value in (self.timings if timings is None else timings).items():
                 field.set(trial, value)
         if reason:
             record.FAIL_REASON.set(trial, reason)
@@ -130,6 +157,16 @@ class Objective:
 
     def _train(self, trial: optuna.Trial) -> float:
         """Train ``trial`` and record its results; returns its value (its best evaluation)."""
+        prepared = self.prepare(trial)
+        result = train(prepared.adapter, self.data(), prepared.hyper, prepared.settings, prepared.hooks,
+                       prepared.resume, lm_head=prepared.lm_head, tokenizer=self._tokenizer)
+        return self.conclude(trial, prepared, result)
+
+    def prepare(self, trial: optuna.Trial, place: dict[str, int] | None = None) -> PreparedTrial:
+        """Everything ``trial`` trains with: its sampled values, seed, model (the new head drawn
+        as its ``head_init`` says), settings, hooks and the resume state it continues from.
+        ``place``: where it sits in a trial array ({batch_seed, batch_start}); a retry of a
+        member finds its lineage's, so it sees the same batches alone."""
         sweep = self.sweep
         params = space_mod.sample(sweep.space, trial)
         hyper = Hyper(**params)
@@ -148,7 +185,9 @@ class Objective:
         record.SEED.set(trial, seed)  # the rest of the configuration is the study's, recorded once
         if history:
             record.LINEAGE.set(trial, history)
-        resume = self._resume_state(history)
+        place = place or self._array_place(trial)
+        # A promoted trial continues from its own resume state (promotion.py), a retry from its lineage's.
+        resume = self._resume_state(history + ([trial.number] if promotion.was_paused(trial) else []))
         if resume is not None:
             record.RESUMED_FROM_STEP.set(trial, resume.step)
         # Only text models have an MLM head; the study check refuses mlm for any other.
@@ -158,20 +197,24 @@ class Objective:
             epochs=sweep.epochs, metric=sweep.metric, direction=sweep.direction, device=self.device,
             seed=seed, pretrain_loss=sweep.pretrain_loss, evals_per_epoch=sweep.evals_per_epoch,
             eval_every_steps=sweep.eval_every_steps, bf16=sweep.bf16, compile=sweep.compile,
+            batch_seed=place["batch_seed"] if place else None, batch_start=place["batch_start"] if place else 0,
         )
         # A seed trial is not pruned: its figure is one sample of a spread, wanted whole.
         hooks = _TrialHooks(self, trial, sweep.max_evaluations, prune=repeat is None)
         if resume is not None:
             hooks.replay(resume)
-        result = train(adapter, data, hyper, settings, hooks, resume, lm_head=lm_head,
-                       tokenizer=self._tokenizer)
-        _load_into(adapter, result.best_model)
+        return PreparedTrial(params, hyper, adapter, seed, settings, hooks, resume, lm_head)
+
+    def conclude(self, trial: optuna.Trial, prepared: PreparedTrial, result: LoopResult) -> float:
+        """Save the checkpoint of ``trial``'s best evaluation and record its results; returns its value."""
+        sweep, adapter, data = self.sweep, prepared.adapter, self.data()
+        load_trained(adapter, result.best_model)
         meta = {
-            "trial": trial.number, "params": params, "value": result.best_value,
+            "trial": trial.number, "params": prepared.params, "value": result.best_value,
             "metric": sweep.metric, "direction": sweep.direction,
             "best_evaluation": result.best_evaluation,
             "validation": result.best_metrics, "study": configuration.of(sweep), "sweeper": __version__,
-            "hyperparameters": vars(hyper), "blocks": adapter.num_blocks, "seed": seed,
+            "hyperparameters": vars(prepared.hyper), "blocks": adapter.num_blocks, "seed": prepared.seed,
             "model_kind": adapter.kind, "num_labels": data.num_labels, "label_names": data.label_names,
         }
         # A full or unwritable store raises a StoreError that says so: it fails this trial only.
@@ -188,6 +231,18 @@ class Objective:
         logger.info("trial %d finished: %s %.4f at evaluation %d (%.0f samples/s)", trial.number,
                     sweep.metric, result.best_value, result.best_evaluation, result.samples_per_second)
         return result.best_value
+
+    def _array_place(self, trial: optuna.Trial) -> dict[str, int] | None:
+        """The array place of the first trial of ``trial``'s lineage, copied onto ``trial``
+        (its own retry then finds it too), or None."""
+        place = record.ARRAY.get(trial)
+        if place or not lineage(trial):
+            return place
+        first = [t for t in self._lineage_trials(trial) if t.number == lineage(trial)[0]]
+        place = record.ARRAY.get(first[0]) if first else None
+        if place:
+            record.ARRAY.set(trial, place)
+        return place
 
     def _repeat_mark(self, trial: optuna.Trial, history: list[int]) -> dict[str, Any] | None:
         """The seed-trial mark of ``trial``; a retry (which starts with no user attributes)
@@ -245,14 +300,31 @@ class Objective:
         return None
 
 
+@dataclass
+class PreparedTrial:
+    """What one trial trains with (``Objective.prepare``)."""
+
+    params: dict[str, Any]
+    hyper: Hyper
+    adapter: Any
+    seed: int
+    settings: LoopSettings
+    hooks: _TrialHooks
+    resume: TrainState | None
+    lm_head: Any
+
+
 class _TrialHooks(Hooks):
     """Reports to Optuna, prunes, keeps the resume state, and stops on preemption."""
 
     def __init__(self, objective: Objective, trial: optuna.Trial, planned: int, prune: bool = True) -> None:
         self.objective, self.trial, self.planned, self.prune = objective, trial, planned, prune
+        self.timings: dict[record.Field[float], float] = {}  # as of its last evaluation point
 
     def replay(self, state: TrainState) -> None:
         """Report the evaluations of the trial being continued, so its curve is complete."""
+        if promotion.was_paused(self.trial):
+            return  # a promoted trial continues its own curve: it has these already
         for evaluation, value in state.history:
             self.trial.report(value, evaluation)
 
@@ -268,9 +340,14 @@ class _TrialHooks(Hooks):
             checkpoints.save_resume(self.objective.store, trial, snapshot())
         except checkpoints.StoreError as exc:  # a full disk must not kill the trial; it just loses its resume point
             logger.warning("trial %d: cannot save its resume state (%s)", trial.number, exc)
+            return  # nor does it pause at a rung without one: it could not be promoted
+        sweep = self.objective.sweep
+        if self.prune and sweep.pruner == "asha":  # may pause it here (raises promotion.Paused)
+            promotion.judge(self.objective.study, trial, evaluation, value, eta=sweep.reduction_factor,
+                            max_evaluations=sweep.max_evaluations)
 
     def timed(self, train_seconds: float, eval_seconds: float, samples: int) -> None:
-        self.objective.timings = {
+        self.timings = self.objective.timings = {
             record.TRAIN_SECONDS: round(train_seconds, 3), record.EVAL_SECONDS: round(eval_seconds, 3),
             record.SAMPLES_PER_SECOND: round(samples / train_seconds, 1) if train_seconds > 0 else 0.0,
         }
@@ -283,13 +360,6 @@ class _TrialHooks(Hooks):
             checkpoints.save_resume(self.objective.store, self.trial, state)
         except checkpoints.StoreError as exc:  # still hand it back: the retry starts earlier
             logger.warning("trial %d: cannot save its resume state (%s)", self.trial.number, exc)
-
-
-def _load_into(adapter: Any, tensors: dict[str, torch.Tensor]) -> None:
-    params = dict(adapter.named_parameters())
-    with torch.no_grad():
-        for name, value in tensors.items():
-            params[name].copy_(value)
 
 
 def _one_line(exc: BaseException, trial: optuna.Trial) -> str:

@@ -414,8 +414,10 @@ def tell_without_readback(study: optuna.Study, trial: optuna.Trial, state: Trial
         _tell_with_warning(study, trial, state=state, skip_if_finished=True)
 
 
-def waiting_trial_ids(study: optuna.Study) -> list[int]:
-    """Ids of the study's waiting trials, oldest first, for a worker about to claim one.
+def waiting_trial_ids(study: optuna.Study, *, paused: bool = False) -> list[int]:
+    """Ids of the study's waiting trials that never started (tickets and retries), oldest
+    first, for a worker about to claim one; with ``paused``, those that did start: the trials
+    that ``pruner="asha"`` paused (``promotion.py``), which only a promotion claims.
 
     On an RDB storage one light query, rather than a refresh of the whole cached study (about
     seven queries) that the claim does not need: the sampler refreshes it right after, when
@@ -426,10 +428,11 @@ def waiting_trial_ids(study: optuna.Study) -> list[int]:
     rdb = rdb_of(study._storage)
     if rdb is None:
         trials = study._storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
-        return [t._trial_id for t in trials]
+        return [t._trial_id for t in trials if (t.datetime_start is not None) == paused]
     trial = models.TrialModel
+    started = trial._datetime_start_utc.isnot(None) if paused else trial._datetime_start_utc.is_(None)
     query = (sqlalchemy.select(trial.trial_id)
-             .where(trial.study_id == study._study_id, trial.state == TrialState.WAITING)
+             .where(trial.study_id == study._study_id, trial.state == TrialState.WAITING, started)
              .order_by(trial.trial_id))
 
     def read() -> list[int]:
@@ -507,8 +510,9 @@ def read_tickets_lightly(storage: BaseStorage) -> None:
     objective sweeper's workers spent 1.8 to 2.1 times plain Optuna's time per trial
     (``bench/orchestration.py``, issue 7).
 
-    A waiting trial does not change until a worker claims it (Optuna creates waiting trials
-    whole, and the claim makes them RUNNING), and the cache has seen every trial of the study
+    A waiting trial that never started does not change until a worker claims it (Optuna
+    creates waiting trials whole, and the claim makes them RUNNING; a trial that
+    ``pruner="asha"`` paused is waiting again with its start time, and is read as it is), and the cache has seen every trial of the study
     up to the highest id it holds (it reads everything above its last finished trial, and the
     study's lock keeps trial ids in creation order). So the read this installs is Optuna's own
     query with one more condition, and no list of ids: leave out the trials that are still
@@ -542,7 +546,9 @@ def read_tickets_lightly(storage: BaseStorage) -> None:
             if states is not None:
                 query = query.filter(trial.state.in_(states))
             if seen_up_to >= 0:
-                query = query.filter(sqlalchemy.or_(trial.state != TrialState.WAITING, trial.trial_id > seen_up_to))
+                # A paused trial (waiting again, with a start time: promotion.py) did change: read it.
+                query = query.filter(sqlalchemy.or_(trial.state != TrialState.WAITING, trial.trial_id > seen_up_to,
+                                                    trial._datetime_start_utc.isnot(None)))
             return [rdb._build_frozen_trial_from_trial_model(t) for t in query.order_by(trial.trial_id).all()]
 
     rdb._get_trials = _get_trials  # type: ignore[method-assign]

@@ -28,3 +28,4 @@ class Outcome:
     value: float | None = None
     reason: str | None = None  # for FAIL, one line
     preempted: bool = False  # stopped on request: hand it back for a retry
+    told: bool = False  # Optuna has heard already (a member of an array is told as it leaves)

@@ -96,25 +96,31 @@ PID = Field[int]("sweeper:pid", "trial system", "int", "liveness", ("liveness",)
 HEARTBEAT_AT = Field[float]("sweeper:heartbeat_at", "trial system", "float (epoch s)", "liveness", ("liveness",),
                             "last beat, where the storage has no heartbeat of Optuna's (the gRPC proxy)")
 DEVICE = Field[str]("device", "trial user", "str", "objective", ("status", "report"), "cpu, cuda:0, or cuda (GPU n)")
-DEVICES = Field[int]("devices", "trial user", "int", "objective", ("budget",),
-                     "devices it holds, for the device-hours it spends")
+DEVICES = Field[float]("devices", "trial user", "float", "objective", ("budget", "promotion"),
+                       "devices it holds, for the device-hours it spends (a member of an array of K: 1/K)")
 SEED = Field[int]("seed", "trial user", "int", "objective", (),
                   "the trial's seed: batch order, dropout (the study's configuration is on the study, once)")
 PROGRESS = Field[dict[str, Any]]("progress", "trial user", "{evaluation, of, value}", "objective, user_train",
                                  ("status", "report"), "where a running trial is")
 VALIDATION = Family[float]("val_", "trial user", "float", "objective, user_train", ("best", "report"),
                            "every validation metric at the best evaluation (val_accuracy, ...)")
-BEST_EVALUATION = Field[int]("best_evaluation", "trial user", "int", "objective, user_train", ("status", "best"),
+BEST_EVALUATION = Field[int]("best_evaluation", "trial user", "int", "objective, user_train, promotion",
+                             ("status", "best"),
                              "the evaluation that the value and the checkpoint come from")
 TRAIN_SECONDS = Field[float]("train_seconds", "trial user", "float (s)", "objective", ("report",), "time in training steps")
 EVAL_SECONDS = Field[float]("eval_seconds", "trial user", "float (s)", "objective", ("report",), "time in evaluations")
 SAMPLES_PER_SECOND = Field[float]("samples_per_second", "trial user", "float", "objective", ("report",),
                                   "training throughput")
 STEPS = Field[int]("steps", "trial user", "int", "objective", (), "optimizer steps taken")
-GPU_SECONDS = Field[float]("gpu_seconds", "trial user", "float (s)", "objective", ("budget", "report"),
-                           "device-seconds it used (elapsed time x devices)")
+GPU_SECONDS = Field[float]("gpu_seconds", "trial user", "float (s)", "objective, promotion", ("budget", "report"),
+                           "device-seconds it used (elapsed time x devices; a paused trial's so far, summed over "
+                           "its runs once promoted)")
 RESUMED_FROM_STEP = Field[int]("resumed_from_step", "trial user", "int", "objective, user_train", (),
                                "for a retry: the step it continued from")
+ARRAY = Field[dict[str, int]]("array", "trial user", "{first, batch_seed, batch_start, size}", "array_worker",
+                              ("objective", "array_worker"),
+                              "for a member of a trial array: the array's first trial, the batch order it saw "
+                              "from which position (a retry alone sees the same), members at its start")
 LINEAGE = Field[list[int]]("lineage", "trial user", "list[int]", "objective", (),
                            "for a retry: the trials before it, oldest first")
 FAIL_REASON = Field[str]("fail_reason", "trial user", "str", "objective, worker, liveness", ("status", "report", "launcher"),
@@ -126,17 +132,25 @@ CHECKPOINT = Field[dict[str, Any]]("sweeper:checkpoint", "trial system",
 RESUME = Field[dict[str, Any] | None]("sweeper:resume", "trial system", "{id, step[, sha256]} or None",
                                       "checkpoints, user_train", ("checkpoints", "objective"), "the resume state; None once the trial ended")
 REPEAT = Field[dict[str, Any]]("repeats", "trial user", "{trial, seed, index}", "best (enqueue_trial), objective",
-                               ("objective", "best"),
+                               ("objective", "best", "array_worker"),
                                "a seed trial (`sweeper best --seeds`): the trial it repeats and the seed it trains with; "
                                "the objective copies it onto a retry. Never ranked")
+PROMOTION = Field[list[dict[str, Any]]](
+    "sweeper:promotion", "trial system", "list[{decision, rung, evaluation, value, eta, rank?, of?, at}]", "promotion",
+    ("promotion",),
+    "pruner=\"asha\": every rung decision, oldest first: promote (went on at once, or was resumed), pause "
+    "(waiting again, with its resume state), prune (still paused when the sweep ended); status and report show "
+    "them (for machines: several lines a trial)")
 
 RETRY_HISTORY = Field[list[int]]("retry_history", "trial system", "list[int]", "worker (RetryCallback)",
-                                 ("budget", "objective", "worker"),
+                                 ("budget", "objective", "worker", "array_worker"),
                                  "the trials a retry replaces, oldest first (Optuna's own key)")
 FAILED_TRIAL = Field[int]("failed_trial", "trial system", "int", "worker (RetryCallback)", ("status",),
                           "the first trial of a retry's lineage (Optuna's own key)")
-FIXED_PARAMS = Field[dict[str, Any]]("fixed_params", "trial system", "dict", "budget (enqueue_trial)", ("budget",),
-                                     "a first trial's values (Optuna's own key)")
+FIXED_PARAMS = Field[dict[str, Any]]("fixed_params", "trial system", "dict", "budget (enqueue_trial), worker (claim)",
+                                     ("budget", "array_worker"),
+                                     "values the sampler does not propose: a first trial's, or an array's "
+                                     "structure on a member (Optuna's own key)")
 
 # --------------------------------------------------------------------------- a study
 

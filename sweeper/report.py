@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper import __version__, record, status
+from sweeper import __version__, promotion, record, status
 from sweeper.errors import SweepError
 from sweeper.study import Sweep
 
@@ -416,13 +416,24 @@ def _trials_html(trials: Sequence[FrozenTrial]) -> str:
         if t.state == TrialState.RUNNING:
             p = record.PROGRESS.get(t) or {}
             note = f"evaluation {p.get('evaluation', 0)}/{p.get('of', '?')}"
-        cells = [t.number, t.state.name.lower(), t.value, *[t.params.get(n) for n in names],
+        pause = promotion.paused_at(t)
+        if pause is not None:  # pruner="asha": waiting for a promotion, its resume state kept
+            note = f"paused at rung {pause['rung']} (evaluation {pause['evaluation']}, {_fmt(pause['value'])})"
+        elif promotion.decisions(t):
+            note = (note + "; " if note else "") + _decisions(t)
+        state = "paused" if pause is not None else t.state.name.lower()
+        cells = [t.number, state, t.value, *[t.params.get(n) for n in names],
                  record.WORKER.get(t), record.DEVICE.get(t), record.TRAIN_SECONDS.get(t),
                  record.EVAL_SECONDS.get(t), record.SAMPLES_PER_SECOND.get(t), record.GPU_SECONDS.get(t), note]
         row = "".join(f"<td>{_e(c)}</td>" for c in cells)
-        body.append(f'<tr class="{t.state.name.lower()}">{row}</tr>')
+        body.append(f'<tr class="{state}">{row}</tr>')
     return (f'<table class="trials" id="trials"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table>')
+
+
+def _decisions(t: FrozenTrial) -> str:
+    """A trial's rung decisions, oldest first: "pause@1, promote@1, promote@3"."""
+    return ", ".join(f"{d['decision']}@{d['evaluation']}" for d in promotion.decisions(t))
 
 
 def _page(sweep: Sweep, summary: dict[str, Any], sections: list[Section], best: FrozenTrial | None,
@@ -430,7 +441,9 @@ def _page(sweep: Sweep, summary: dict[str, Any], sections: list[Section], best: 
     c = summary["counts"]
     counts = (f"{c['finished']} of {summary['budget'] or '?'} trials finished: {c['complete']} complete, "
               f"{c['pruned']} pruned, {c['failed']} failed ({c['retried']} more retried); "
-              f"{c['running']} running, {c['waiting']} waiting. {summary['gpu_hours']:.3f} {summary['hours_unit']} spent.")
+              f"{c['running']} running, {c['waiting']} waiting"
+              + (f" ({c['paused']} paused at a rung)" if c.get("paused") else "")
+              + f". {summary['gpu_hours']:.3f} {summary['hours_unit']} spent.")
     parts = []
     for s in sections:
         notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in s.notes)
@@ -451,6 +464,7 @@ table {{ border-collapse: collapse; }} th, td {{ padding: 0.2em 0.8em; text-alig
 .cards {{ display: flex; gap: 3em; flex-wrap: wrap; }} .figure {{ font-size: 1.2em; }}
 table.trials {{ font-size: 0.85em; }} table.trials td {{ border-top: 1px solid #eee; }}
 tr.pruned td {{ color: #a0522d; }} tr.fail td {{ color: #c00; }} tr.running td {{ color: #2a7; }}
+tr.paused td {{ color: #777; font-style: italic; }}
 </style>
 <script type="text/javascript">{plotly_js}</script>
 </head>

@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from sweeper import budget, checkpoints, record
+from sweeper import budget, checkpoints, promotion, record
 from sweeper.study import Sweep
 
 
@@ -41,6 +41,9 @@ def summarize(study: optuna.Study, sweep: Sweep) -> dict[str, Any]:
             "seconds": round(now - t.datetime_start.timestamp(), 1) if t.datetime_start else None,
             "retry_of": record.FAILED_TRIAL.get(t),
         })
+    # Waiting for a promotion (pruner="asha"): counted among the waiting trials, listed apart.
+    paused = [{"number": t.number, "rung": p["rung"], "evaluation": p["evaluation"], "value": p["value"],
+               "params": t.params} for t in trials if (p := promotion.paused_at(t))]
     failed = [{"number": t.number, "reason": record.FAIL_REASON.get(t), "params": t.params,
                "retried": t.number in budget.superseded(trials)}
               for t in trials if t.state == TrialState.FAIL]
@@ -52,7 +55,7 @@ def summarize(study: optuna.Study, sweep: Sweep) -> dict[str, Any]:
         "budget": record.N_TRIALS.get(study),
         "counts": {"complete": tally.complete, "pruned": tally.pruned, "failed": tally.failed,
                    "retried": tally.retried, "running": tally.running, "waiting": tally.waiting,
-                   "finished": tally.finished},
+                   "paused": len(paused), "finished": tally.finished},
         "best": None if best is None else {
             "number": best.number, "value": best.value, "params": best.params,
             "best_evaluation": record.BEST_EVALUATION.get(best),
@@ -61,6 +64,7 @@ def summarize(study: optuna.Study, sweep: Sweep) -> dict[str, Any]:
             "test": test if test and test.get("trial") == best.number else None,
         },
         "running": running,
+        "paused": paused,
         "failed": failed,
         # Named `gpu_hours` after the budget setting it is checked against; `hours_unit` says
         # what was measured on these trials' devices (CPU-hours on a CPU run).
@@ -90,7 +94,8 @@ def render(s: dict[str, Any]) -> str:
     lines = [f"study {s['study']}  ({s['metric']}, {s['direction']})",
              f"trials  {c['finished']}/{s['budget'] or '?'} finished: {c['complete']} complete, "
              f"{c['pruned']} pruned, {c['failed']} failed ({c['retried']} more retried); "
-             f"{c['running']} running, {c['waiting']} waiting",
+             f"{c['running']} running, {c['waiting']} waiting"
+             + (f" ({c['paused']} paused at a rung)" if c.get("paused") else ""),
              f"spent   {s['gpu_hours']:.3f} {s['hours_unit']}"]
     best = s["best"]
     if best:
@@ -111,6 +116,11 @@ def render(s: dict[str, Any]) -> str:
             secs = f"{r['seconds']:.0f}s" if r["seconds"] is not None else "-"
             lines.append(f"  {r['number']:>5}  {str(r['worker']):>6}  {str(r['host'])[:12]:12s} "
                          f"{str(r['device'])[:16]:16s} {of:>7}  {last:>7}  {secs:>7}")
+    if s.get("paused"):
+        lines.append("paused (pruner asha: each resumes from its resume state if promoted)")
+        lines.append(f"  {'trial':>5}  {'rung':>4}  {'eval':>5}  {'value':>7}")
+        for p in s["paused"]:
+            lines.append(f"  {p['number']:>5}  {p['rung']:>4}  {p['evaluation']:>5}  {p['value']:>7.4f}")
     final_fails = [f for f in s["failed"] if not f["retried"]]
     if final_fails:
         lines.append("failed")

@@ -32,7 +32,7 @@ from sweeper.finetune.loop import HYPERPARAMETERS, Hyper
 from sweeper.finetune.models import ModelSpec
 from sweeper.finetune.rules import Check, Flag, Kinds, OneOf, Range, about, setting
 
-PRUNERS = ("median", "hyperband", "successive_halving", "none")
+PRUNERS = ("median", "hyperband", "successive_halving", "asha", "none")  # asha: promotion.py
 SAMPLERS = ("tpe", "random", "qmc")
 DIRECTIONS = ("maximize", "minimize")
 # A study's name is a folder name (`output_dir` is sweeps/{name} by default): no separators,
@@ -72,7 +72,12 @@ class Sweep:
     gpu_hours: float | None = setting(None, "device time the sweep may spend in all: elapsed hours times "
                                       "devices, GPU-hours on GPUs and CPU-hours on a CPU",
                                       Range(0, above=True, unit="device-hours", none="no limit"))
-    pruner: str = setting("median", "stops trials that trail others at the same evaluation", OneOf(PRUNERS))
+    pruner: str = setting("median", "stops trials that trail others at the same evaluation; \"asha\" pauses them "
+                          "instead, and resumes one from its resume state when it is promoted (sweeper/promotion.py)",
+                          OneOf(PRUNERS))
+    reduction_factor: int = setting(3, "η of pruner=\"asha\": rungs at evaluations 1, η, η², ..., where a trial goes "
+                                    "on only in the top 1/η of those that reached the rung (typically 2..4)",
+                                    Range(2, 100, whole=True))
     sampler: str = setting("tpe", "proposes each trial's hyperparameters", OneOf(SAMPLERS))
     first_trials: tuple[Any, ...] = setting(
         (), "trials run before the sampler proposes any: dicts of searched values (a recipe known to work; the "
@@ -89,6 +94,10 @@ class Sweep:
     artifacts: str | None = setting(
         None, "checkpoint store: a folder or s3://bucket/prefix; None = output_dir/artifacts")
     keep: int = setting(3, "checkpoints of the best k trials are kept", Range(1, whole=True))
+    array_size: int = setting(
+        1, "trials a worker trains at once as one stacked model (trial arrays, sweeper/array_worker.py): members "
+        "share the unfreeze depth and batch size the first one drew; 1 trains each trial alone",
+        Range(1, 256, whole=True, unit="trials"))
     max_retries: int = setting(3, "times a trial cut off by a dead or preempted worker is retried",
                                Range(0, whole=True))
     bf16: bool = setting(True, "bf16 autocast on GPUs that support it", Flag())
@@ -151,6 +160,8 @@ class Sweep:
             p.extend(self._space_problems())
         if self.pretrain_loss == "mlm" and getattr(self.model, "kind", "") == "image":
             p.append("`pretrain_loss` is 'mlm', which needs a text model with a masked-LM head: use distill or l2sp")
+        p.extend(self._array_problems())
+        p.extend(self._asha_problems())
         better = metrics.METRICS.get(self.metric) if isinstance(self.metric, str) else None
         if better and self.direction in DIRECTIONS and better != self.direction:
             p.append(f"`direction` is {self.direction!r}, but `{self.metric}` is better when it is "
@@ -174,6 +185,36 @@ class Sweep:
             p.extend(space_mod.first_trial_params(self.space, self.first_trials)[1])
         if not isinstance(self.metric, str) or not self.metric.strip():
             p.append(f"`metric` is {self.metric!r}: name the figure the function reports (e.g. \"accuracy\")")
+        p.extend(self._asha_problems())
+        return p
+
+    def _asha_problems(self) -> list[str]:
+        """``pruner="asha"`` pauses a trial in sweeper's own loop and resumes it from its resume
+        state (``promotion.py``): one trial alone, in that loop."""
+        if self.pruner != "asha":
+            return []
+        if self.train is not None:
+            return ["`pruner` is 'asha', which pauses and resumes trials inside sweeper's own training loop, "
+                    "and this study has its own `train`: use pruner=\"hyperband\" or \"median\""]
+        if _whole(self.array_size) and self.array_size > 1:
+            return [f"`pruner` is 'asha' and `array_size` is {self.array_size}: a member of a trial array "
+                    "cannot pause alone; set array_size=1 or use pruner=\"hyperband\""]
+        return []
+
+    def _array_problems(self) -> list[str]:
+        """What trial arrays cannot train yet (``finetune/arrays.py``)."""
+        if not _whole(self.array_size) or self.array_size <= 1:
+            return []
+        from sweeper.finetune.arrays import ARRAY_PRETRAIN_LOSSES
+
+        p = []
+        if self.pretrain_loss not in ARRAY_PRETRAIN_LOSSES:
+            p.append(f"`array_size` is {self.array_size}, but trial arrays train with pretrain_loss "
+                     f"{' or '.join(ARRAY_PRETRAIN_LOSSES)}, not {self.pretrain_loss!r}: set array_size=1 "
+                     "or change pretrain_loss")
+        if self.compile is True:
+            p.append(f"`array_size` is {self.array_size} and `compile` is on: trial arrays run their own "
+                     "stacked layers, not torch.compile; set compile=False or array_size=1")
         return p
 
     def _space_problems(self) -> list[str]:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper import budget, liveness, optuna_adapter, record
+from sweeper import budget, liveness, optuna_adapter, promotion, record
 from sweeper.outcome import Outcome, WorkerInfo
 from sweeper.storage import mask, open_storage
 
@@ -57,7 +57,7 @@ def make_sampler(sweep: Sweep, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def make_pruner(sweep: Sweep) -> optuna.pruners.BasePruner:
-    if sweep.pruner == "none":
+    if sweep.pruner in ("none", "asha"):  # asha's rungs are promotion.py's, judged in the objective
         return optuna.pruners.NopPruner()
     # Explicit resources: "auto" can differ between processes (Optuna #1220).
     max_resource = sweep.max_evaluations or "auto"
@@ -114,16 +114,31 @@ def _add_once(study: optuna.Study, retry: FrozenTrial, history: list[int]) -> bo
     return True
 
 
-def claim(study: optuna.Study) -> optuna.Trial | None:
-    """Atomically take a WAITING ticket (WAITING -> RUNNING); None if there is none."""
+def claim(study: optuna.Study, accept: Callable[[FrozenTrial], bool] | None = None,
+          fixed: dict[str, Any] | None = None) -> optuna.Trial | None:
+    """Atomically take a WAITING ticket (WAITING -> RUNNING); None if there is none. A paused
+    trial that is now promoted (``pruner="asha"``, ``promotion.py``) is taken first.
+
+    ``accept``: only a ticket it accepts (read before the claim; a trial array takes fresh
+    tickets of its structure); ``fixed``: values the sampler must not propose for it (Optuna's
+    ``fixed_params``), set between the claim and the first read of the trial."""
     storage = optuna_adapter.storage_of(study)
     optuna_adapter.forget_cached_trials(study)  # as Study.ask does: see every new trial
+    promoted = promotion.promote(study) if accept is None else None
+    if promoted is not None:
+        optuna_adapter.read_study_into_cache(study)
+        return optuna.Trial(study, promoted)
     for trial_id in optuna_adapter.waiting_trial_ids(study):
+        if accept is not None and not accept(storage.get_trial(trial_id)):
+            continue
         try:
             taken = storage.set_trial_state_values(trial_id, state=TrialState.RUNNING)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
         if taken:
+            if fixed:
+                own = record.FIXED_PARAMS.get(storage.get_trial(trial_id), {}) or {}
+                storage.set_trial_system_attr(trial_id, record.FIXED_PARAMS.key, {**own, **fixed})
             # One read of the study now, with the claimed trial in it: the storage's cache must
             # know a trial before its parameters are set, and the sampler reuses this read.
             optuna_adapter.read_study_into_cache(study)
@@ -174,11 +189,18 @@ def run(
     stop = threading.Event()
     _install_signal_handlers(stop)
     objective = Objective(sweep, study, info, store, stop)
+    run_trial: Callable[[optuna.Trial], Outcome] = objective.run
+    if sweep.array_size > 1 and sweep.train is None:
+        from sweeper.array_worker import ArrayRunner
+
+        run_trial = ArrayRunner(objective, study, sweep.array_size, lambda t, o: _tell(study, t, o, retry), stop,
+                                heartbeat_interval or storage_mod.HEARTBEAT_INTERVAL_S, claim)
     logger.info("worker %d on %s (%s) joined study %r at %s", info.index, info.host, info.device,
                 sweep.name, mask(url))
-    code = serve(study, objective.run, retry, stop,
+    code = serve(study, run_trial, retry, stop,
                  heartbeat_interval=heartbeat_interval or storage_mod.HEARTBEAT_INTERVAL_S,
-                 grace_period=grace_period or storage_mod.GRACE_PERIOD_S, name=f"worker {info.index}")
+                 grace_period=grace_period or storage_mod.GRACE_PERIOD_S, name=f"worker {info.index}",
+                 release=lambda trial: checkpoints.remove_resume(store, trial))
     storage.dispose()  # give the connections back now, not when the process exits
     return code
 
@@ -192,11 +214,14 @@ def serve(
     heartbeat_interval: float = 20,
     grace_period: float = 120,
     name: str = "worker",
+    release: Callable[[optuna.Trial], None] | None = None,
 ) -> int:
     """Claim tickets of ``study`` and run them with ``run_trial`` until the budget is spent.
 
     Independent of what a trial does: the fine-tuning objective and the benchmarks' trivial
-    objectives go through the same claiming, heartbeats, hand-backs and retries.
+    objectives go through the same claiming, heartbeats, hand-backs and retries. At the end,
+    trials that ``pruner="asha"`` left paused are pruned and ``release`` deletes their resume
+    states (``promotion.close``).
     """
     last_reap, idle = 0.0, False
     while not stop.is_set():
@@ -214,6 +239,7 @@ def serve(
                 # Seen twice, a poll apart: a reaper fails a dead trial and then queues its
                 # retry, and a look between the two would find nothing left to run.
                 if idle:
+                    promotion.close(study, release)  # no promotion can reach a paused trial now
                     logger.info("%s stops: every trial of the budget has run", name)
                     break
                 idle = True
@@ -233,7 +259,8 @@ def serve(
             continue
         with liveness.Heartbeat(optuna_adapter.storage_of(study), optuna_adapter.trial_id(trial), heartbeat_interval):
             outcome = run_trial(trial)
-        _tell(study, trial, outcome, retry)
+        if not outcome.told:
+            _tell(study, trial, outcome, retry)
         if outcome.preempted:
             return EXIT_PREEMPTED
     return EXIT_PREEMPTED if stop.is_set() else EXIT_DONE
@@ -243,6 +270,9 @@ def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, retry: Ret
     if outcome.preempted:
         hand_back(study, trial, retry, outcome.reason or "preempted")
         logger.info("trial %d handed back for a retry", trial.number)
+        return
+    if outcome.state == TrialState.WAITING:  # paused at a rung (pruner="asha"): waits for a promotion
+        promotion.park(study, trial)
         return
     try:
         optuna_adapter.tell_without_readback(study, trial, outcome.state, outcome.value)

@@ -11,11 +11,12 @@
 # 3. `docker-compose up` of docker/compose.yaml, as it is but for the worker's GPU
 #    reservation (a CPU machine cannot satisfy it): PostgreSQL, `create`, two workers, the
 #    dashboard; the quickstart sweep (12 trials) runs to its end;
-# 4. mid-trial, once the trial has saved a resume state, `docker kill` of one worker
-#    container: its trial must be failed after the grace period and retried by the other
-#    worker from that resume state;
-# 5. the budget exact (12 trials counted, none lost), the dashboard answering, then
-#    `docker-compose down -v`.
+# 4. mid-trial, once the trial has saved a resume state and while the other worker runs,
+#    `docker pause`, a look at the frozen trial, SIGKILL of its processes and `docker kill` of
+#    one worker container: its trial must be failed after the grace period and retried by the
+#    other worker from the resume state it died with (`resumed_from_step`, `lineage`);
+# 5. the budget exact (12 trials counted, none lost, none retried twice), the dashboard
+#    answering, then `docker-compose down -v` (its logs kept in $WORK: compose.log, worker-logs/).
 #
 # Prints what it sees; exits 0 when every check passed, 1 when one failed. It exits 77 (skip)
 # only when no Docker engine can start here, which is the one case CI may skip it for.
@@ -39,7 +40,7 @@ TORCH_WHEELS=${TORCH_WHEELS:-/opt/wheels}
 GRACE=${SWEEPER_CHECK_GRACE:-20}
 HEARTBEAT=5
 N_TRIALS=12  # studies/quickstart.py's budget
-KILL_BY=4  # kill a worker whose trial has 1 to KILL_BY evaluations (the quickstart makes 10)
+KILL_BY=3  # kill a worker whose trial has 1 to KILL_BY evaluations (of 10; the small study's 4)
 # Debian's client matches Debian's engine; a newer static `docker` earlier in PATH may lack buildx.
 DOCKER=$( [ -x /usr/bin/docker ] && echo /usr/bin/docker || command -v docker || true)
 COMPOSE=$(command -v docker-compose || true)
@@ -56,6 +57,10 @@ started_dockerd=""
 wheels_pid=""
 cleanup() {
     if [ -n "$COMPOSE" ] && [ -f "$WORK/compose.cpu.yaml" ] && [ "${SWEEPER_CHECK_KEEP:-0}" != 1 ]; then
+        # Kept: the stack's logs go with it (the workers' own are in the sweeps volume).
+        compose logs --no-color --timestamps >"$WORK/compose.log" 2>&1
+        rm -rf "$WORK/worker-logs"
+        "$DOCKER" cp "${PROJECT}_dashboard_1:/sweeper/sweeps/quickstart/logs" "$WORK/worker-logs" >/dev/null 2>&1
         compose down -v --remove-orphans >/dev/null 2>&1
     fi
     [ -n "$wheels_pid" ] && kill "$wheels_pid" 2>/dev/null
@@ -231,7 +236,7 @@ for t in study.get_trials(deepcopy=False):
     print(json.dumps({"number": t.number, "state": t.state.name, "host": record.HOST.get(t),
                       "evaluations": len(t.intermediate_values), "resume": bool(record.RESUME.get(t)),
                       "retry_history": record.RETRY_HISTORY.get(t, []),
-                      "resumed_from_step": record.RESUMED_FROM_STEP.get(t),
+                      "resumed_from_step": record.RESUMED_FROM_STEP.get(t), "lineage": record.LINEAGE.get(t, []),
                       "fail_reason": record.FAIL_REASON.get(t)}))
 EOF
 }
@@ -254,63 +259,104 @@ up_pid=$!
 
 # --------------------------------------------------------------------------- 4. kill a worker
 
-# A trial on one worker container past its first evaluation (it has saved a resume state) and
-# not past evaluation KILL_BY, and that container. Read with psql in the postgres container, Optuna's tables
-# directly: a Python probe takes seconds to start, longer than a small trial's window.
-running_trials() {
-    "$DOCKER" exec "${PROJECT}_postgres_1" psql -U "${POSTGRES_USER:-sweeper}" -d "${POSTGRES_DB:-sweeper}" -At -F' ' -c "
-        SELECT t.number, (SELECT a.value_json FROM trial_user_attributes a WHERE a.trial_id = t.trial_id AND a.key = 'host')
-        FROM trials t
-        WHERE t.state = 'RUNNING'
-          AND (SELECT count(*) FROM trial_intermediate_values v WHERE v.trial_id = t.trial_id) BETWEEN 1 AND $KILL_BY
-          AND EXISTS (SELECT 1 FROM trial_user_attributes a WHERE a.trial_id = t.trial_id AND a.key = 'resume'
-                      AND a.value_json <> 'null')" 2>/dev/null
+# Read with psql in the postgres container, Optuna's tables directly: a Python probe takes
+# seconds to start, longer than a small trial's window between two evaluations.
+sql() {
+    "$DOCKER" exec "${PROJECT}_postgres_1" psql -U "${POSTGRES_USER:-sweeper}" -d "${POSTGRES_DB:-sweeper}" \
+        -At -F'|' -c "$1" 2>/dev/null
 }
+# Running trials that have 1 to KILL_BY evaluations and a saved resume state, one a line:
+# number|"host"|evaluations|{"id": ..., "step": ...} (the resume state is a trial system attribute).
+resumable_trials() {
+    sql "SELECT t.number, h.value_json, (SELECT count(*) FROM trial_intermediate_values v WHERE v.trial_id = t.trial_id),
+                r.value_json
+         FROM trials t
+         JOIN trial_user_attributes h ON h.trial_id = t.trial_id AND h.key = 'host'
+         JOIN trial_system_attributes r ON r.trial_id = t.trial_id AND r.key = 'sweeper:resume' AND r.value_json <> 'null'
+         WHERE t.state = 'RUNNING'
+           AND (SELECT count(*) FROM trial_intermediate_values v WHERE v.trial_id = t.trial_id) BETWEEN 1 AND $KILL_BY"
+}
+running() { [ "$("$DOCKER" inspect -f '{{.State.Status}}' "$1" 2>/dev/null)" = running ]; }
+stopped() { [ "$("$DOCKER" inspect -f '{{.State.Status}}' "$1" 2>/dev/null)" = exited ]; }
+# victim: one worker container running a resumable trial while the other one runs too (it must
+# be there to retry the trial); sets killed_worker and victim_row.
 victim() {
-    local rows worker hostname
-    rows=$(running_trials) || return 1
+    local rows worker other hostname
+    rows=$(resumable_trials) || return 1
+    [ -n "$rows" ] || return 1
     for worker in "${PROJECT}_worker_1" "${PROJECT}_worker_2"; do
+        other=${PROJECT}_worker_$([ "$worker" = "${PROJECT}_worker_1" ] && echo 2 || echo 1)
+        running "$worker" && running "$other" || continue
         hostname=$("$DOCKER" inspect -f '{{.Config.Hostname}}' "$worker" 2>/dev/null) || continue
-        number=$(printf '%s\n' "$rows" | awk -v host="\"$hostname\"" '$2 == host {print $1; exit}')
-        if [ -n "$number" ]; then
+        victim_row=$(printf '%s\n' "$rows" | awk -F'|' -v host="\"$hostname\"" '$2 == host {print; exit}')
+        if [ -n "$victim_row" ]; then
             killed_worker=$worker
             return 0
         fi
     done
     return 1
 }
-killed_worker="" number="" found=""
+# The trial can finish between the look and the kill: the container is paused first (its
+# processes frozen), the trial looked at again, and only then killed, while still mid-trial.
+killed_worker="" victim_row="" frozen_row="" found=""
 for _ in $(seq 3000); do  # every 0.2 s for 10 minutes: a trial's window can be a second
-    victim && { found=1; break; }
+    if victim && "$DOCKER" pause "$killed_worker" >/dev/null 2>&1; then
+        number=${victim_row%%|*}
+        frozen_row=$(resumable_trials | awk -F'|' -v n="$number" '$1 == n {print; exit}')
+        if [ -n "$frozen_row" ] && [ "$(cut -d'|' -f2 <<<"$frozen_row")" = "$(cut -d'|' -f2 <<<"$victim_row")" ]; then
+            found=1
+            break
+        fi
+        "$DOCKER" unpause "$killed_worker" >/dev/null 2>&1  # it finished that trial meanwhile
+    fi
     sleep 0.2
 done
 [ -n "$found" ] || { compose logs --no-color worker | tail -40; die "no worker was ever seen mid-trial with a resume state"; }
-"$DOCKER" kill "$killed_worker" >/dev/null
+# `docker kill` signals the container's first process; the others die only once it has exited,
+# and a trial process can run on meanwhile (seen: one more evaluation). So every process of the
+# frozen container gets its SIGKILL first, and they all die as read when `docker kill` thaws them.
+kill -KILL $("$DOCKER" top "$killed_worker" -eo pid | tail -n +2) 2>/dev/null
+"$DOCKER" kill "$killed_worker" >/dev/null || die "docker kill $killed_worker failed"
+killed_at=$SECONDS
+say "$(date -u +%T.%N | cut -c1-12) UTC: $killed_worker paused, its trial read ($frozen_row), killed"
 wait "$up_pid" || { cat "$WORK/up.log"; die "docker-compose up of the workers failed"; }
-killed_trial=$number
-pass "docker kill $killed_worker while it ran trial $killed_trial (past its first evaluation, with a resume state)"
+killed_trial=${frozen_row%%|*}
+# What the trial died with, read once its container is gone: still running (nobody else ends
+# it before the grace period), and the resume state its retry must continue from.
+wait_for 30 "the killed container's exit" stopped "$killed_worker" || die "$killed_worker still running after docker kill"
+dead_row=$(resumable_trials | awk -F'|' -v n="$killed_trial" '$1 == n {print; exit}')
+[ -n "$dead_row" ] || die "trial $killed_trial was not running with a resume state when its container died"
+[ "$dead_row" = "$frozen_row" ] || say "trial $killed_trial changed between the read under pause and its container's exit: $dead_row"
+killed_evaluations=$(cut -d'|' -f3 <<<"$dead_row")
+killed_step=$("$PYTHON" -c 'import json, sys; print(json.loads(sys.argv[1])["step"])' "$(cut -d'|' -f4- <<<"$dead_row")")
+pass "docker kill $killed_worker (paused first) while it ran trial $killed_trial: $killed_evaluations evaluation(s) reported, resume state at step $killed_step"
 
+# The retry: the killed trial failed by the surviving worker after the grace period, exactly one
+# trial retrying it, finished, resumed from the step the killed trial had saved, and naming the
+# killed trial in its lineage.
 retried() {
     probe >"$WORK/trials.jsonl" || return 1
-    "$PYTHON" - "$killed_trial" "$WORK/trials.jsonl" <<'EOF'
+    "$PYTHON" - "$killed_trial" "$killed_step" "$WORK/trials.jsonl" <<'EOF'
 import json, sys
-number, trials = int(sys.argv[1]), [json.loads(line) for line in open(sys.argv[2])]
+number, step, trials = int(sys.argv[1]), int(sys.argv[2]), [json.loads(line) for line in open(sys.argv[3])]
 killed = next(t for t in trials if t["number"] == number)
-retries = [t for t in trials if number in t["retry_history"] and t["state"] in ("COMPLETE", "PRUNED")]
-if killed["state"] != "FAIL" or not retries:
-    sys.exit(1)
+retries = [t for t in trials if number in t["retry_history"]]
+if killed["state"] != "FAIL" or not retries or any(t["state"] not in ("COMPLETE", "PRUNED") for t in retries):
+    sys.exit(1)  # not yet
 retry = retries[0]
-print(f"{'RESUMED' if retry['resumed_from_step'] else 'FROM-SCRATCH'} trial {number} failed "
-      f"({killed['fail_reason']}); its retry, trial {retry['number']}, resumed from step "
-      f"{retry['resumed_from_step']} and ended {retry['state']}")
+ok = len(retries) == 1 and retry["resumed_from_step"] == step and number in retry["lineage"]
+print(f"{'RESUMED' if ok else 'WRONG'} trial {number} failed ({killed['fail_reason']}); "
+      f"{len(retries)} retry: trial {retry['number']}, lineage {retry['lineage']}, resumed from step "
+      f"{retry['resumed_from_step']} (the killed trial's resume state: step {step}), "
+      f"{retry['evaluations']} evaluations, ended {retry['state']}")
 EOF
 }
 if ! wait_for 600 "the killed trial's retry" retried >"$WORK/retried.txt"; then
-    fail "trial $killed_trial was never retried to its end"
+    fail "trial $killed_trial was never retried to its end: $(tail -c 600 "$WORK/trials.jsonl" 2>/dev/null)"
 elif grep -q '^RESUMED' "$WORK/retried.txt"; then
-    pass "$(cut -d' ' -f2- "$WORK/retried.txt")"
+    pass "$(cut -d' ' -f2- "$WORK/retried.txt") ($((SECONDS - killed_at)) s after the kill)"
 else
-    fail "the retry started over: $(cut -d' ' -f2- "$WORK/retried.txt")"
+    fail "the retry did not continue the killed trial: $(cut -d' ' -f2- "$WORK/retried.txt")"
 fi
 restarts=$("$DOCKER" inspect -f '{{.RestartCount}} restarts, {{.State.Status}}, exit code {{.State.ExitCode}}' "$killed_worker")
 # Docker does not apply a restart policy to a container stopped by `docker kill`.
@@ -339,9 +385,12 @@ counted = [t for t in trials if not (t["state"] == "FAIL" and t["number"] in rep
 states = {}
 for t in counted:
     states[t["state"]] = states.get(t["state"], 0) + 1
-ok = len(counted) == budget and set(states) <= {"COMPLETE", "PRUNED"}
-line = (f"budget {budget}: {len(counted)} trials counted {states}, {len(trials) - len(counted)} retried "
-        f"({len(trials)} rows)")
+# None twice: each failed trial has one retry of its own (one trial per retry history).
+histories = [tuple(t["retry_history"]) for t in trials if t["retry_history"]]
+twice = len(histories) - len(set(histories))
+ok = len(counted) == budget and set(states) <= {"COMPLETE", "PRUNED"} and twice == 0
+line = (f"budget {budget}: {len(counted)} trials counted {states}, {len(trials) - len(counted)} retried, "
+        f"{twice} retried twice ({len(trials)} rows)")
 open(sys.argv[2].replace("trials.jsonl", "budget.txt"), "w").write(line)
 sys.exit(0 if ok else 1)
 EOF

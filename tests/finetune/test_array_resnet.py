@@ -101,7 +101,8 @@ def _array(images, tmp_path: Path, hypers: list[Hyper], members: list[int], hook
     return array, outcomes
 
 
-@pytest.mark.parametrize("depth", [2, 0, 8], ids=["top-two-blocks", "linear-probe", "full-depth"])
+@pytest.mark.parametrize("depth", [2, 0, pytest.param(8, marks=pytest.mark.long)],  # the stem's run: CI's long run
+                         ids=["top-two-blocks", "linear-probe", "full-depth"])
 def test_every_resnet_member_follows_its_trajectory_alone(images, tmp_path: Path, monkeypatch, depth: int) -> None:  # type: ignore[no-untyped-def]
     hypers = _hypers(depth)
     _, outcomes = _array(images, tmp_path, hypers, [0, 1, 2])

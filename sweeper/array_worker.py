@@ -185,15 +185,18 @@ class ArrayRunner:
         try:
             value = self.objective.conclude(trial, prepared, left.result)
         except Exception as exc:  # saving its checkpoint failed (a full disk): this member only
-            self._members[number] = (trial, prepared, joined)
-            self._end(number, exc, beat, left.device_seconds)
+            self._ended(trial, prepared, joined, exc, beat, left.device_seconds)
             return
         self.objective._finish(trial, joined, ended_early=False, device_seconds=left.device_seconds)
         self._told(trial, Outcome(TrialState.COMPLETE, value=value))
         beat.discard(optuna_adapter.trial_id(trial))
 
     def _end(self, number: int, exc: BaseException, beat: liveness.Heartbeat, seconds: float | None = None) -> None:
-        trial, prepared, joined = self._members.pop(number)
+        self._ended(*self._members.pop(number), exc, beat, seconds)
+
+    def _ended(self, trial: optuna.Trial, prepared: PreparedTrial, joined: float, exc: BaseException,
+               beat: liveness.Heartbeat, seconds: float | None) -> None:
+        """Tell ``trial``, which left the array by ``exc``, how it ended."""
         spent = time.time() - joined if seconds is None else seconds
         outcome = self.objective.ended(trial, exc, lambda reason: self.objective._finish(
             trial, joined, reason=reason, timings=prepared.hooks.timings, device_seconds=spent))

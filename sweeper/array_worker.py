@@ -8,12 +8,14 @@ Optuna the moment it leaves the array.
 
 Choices this module makes, and why:
 
-- *Structure.* The sampler proposes the first member whole. The structure it drew (unfreeze
-  depth and batch size, where the space searches them) is then fixed on every ticket that joins
-  (Optuna's ``fixed_params``, as ``enqueue_trial`` does), and the sampler proposes the rest of
-  each. A ticket that an earlier choice already fixed to another structure is left for
-  another array or a trial alone. ``bench/array_search.py`` measures what this does to the
-  search against independent proposals on the same budget.
+- *Structure.* An array's structure (unfreeze depth and batch size, where the space searches
+  them) is its first member's: fixed by ``array_structure.StructurePlan`` to a structure no
+  trial has tried yet while there is one (and the array then takes one array's worth of trials
+  of it), afterwards proposed by the sampler with the rest of the first member. It is fixed on
+  every ticket that joins (Optuna's ``fixed_params``, as ``enqueue_trial`` does), and the
+  sampler proposes the rest of each. A ticket that an earlier choice already fixed to another
+  structure is left for another array or a trial alone. ``bench/array_search.py`` measures
+  what this does to the search against independent proposals on the same budget.
 - *Who joins.* Fresh tickets only. A retry continues its own resume state, and a seed trial of
   ``sweeper best --seeds`` trains with a seed of its own: both train alone, as before.
 - *Staying full.* Before every step the array asks for a member while it holds fewer than its
@@ -38,7 +40,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper import budget, liveness, optuna_adapter, record
-from sweeper import space as space_mod
+from sweeper.array_structure import StructurePlan, fresh, structural
 from sweeper.errors import SweepError
 from sweeper.finetune import array_memory
 from sweeper.finetune.arrays import Member, MemberOutcome, Structure, TrialArray
@@ -47,13 +49,7 @@ from sweeper.outcome import Outcome
 
 logger = logging.getLogger(__name__)
 
-STRUCTURAL = ("unfreeze_depth", "batch_size")  # what every member of an array shares
 Tell = Callable[[optuna.Trial, Outcome], None]
-
-
-def fresh(trial: optuna.Trial | FrozenTrial) -> bool:
-    """A ticket no one has started: not a retry, not a seed trial, nothing proposed yet."""
-    return not (record.RETRY_HISTORY.get(trial) or record.REPEAT.get(trial) or trial.params)
 
 
 def can_join(ticket: FrozenTrial, fixed: dict[str, Any]) -> bool:
@@ -76,6 +72,17 @@ class ArrayRunner:
         self.alone_only: str | None = None  # why this model cannot be stacked, once found
         self._members: dict[int, tuple[optuna.Trial, PreparedTrial, float]] = {}
         self._first_outcome: Outcome | None = None
+        sweep = objective.sweep
+        self.plan = StructurePlan.of(sweep.space, size, sweep.n_trials, sweep.seed)
+        self._exploring = False  # the array now starting explores a structure the plan chose
+
+    def claim_first(self, study: optuna.Study) -> optuna.Trial | None:
+        """The worker's next ticket; a fresh one gets the structure the plan has for a new
+        array (none: the sampler proposes it)."""
+        fixed = None if self.plan is None or self.alone_only else self.plan.first(study.get_trials(deepcopy=False))
+        trial = self.claim(study, fixed=fixed)
+        self._exploring = fixed is not None and trial is not None and fresh(trial)
+        return trial
 
     def __call__(self, trial: optuna.Trial) -> Outcome:
         if self.alone_only or not fresh(trial):
@@ -86,8 +93,7 @@ class ArrayRunner:
             array, first = self._start(trial)
             if array is None:
                 return first  # told how it ended, or to be run alone
-            fixed = {name: first.params[name] for name in STRUCTURAL
-                     if space_mod.is_distribution(self.objective.sweep.space.get(name))}
+            fixed = {name: first.params[name] for name in structural(self.objective.sweep.space)}
             capacity = self._capacity(first)
             try:
                 array.run(refill=lambda: self._refill(array, fixed, capacity, beat), capacity=capacity,
@@ -157,6 +163,10 @@ class ArrayRunner:
                 beat: liveness.Heartbeat) -> Member | None:
         """The next member for ``array``: a fresh ticket with the array's structure, claimed
         now; None when there is none (or the sweep must stop starting trials)."""
+        if self._exploring and self.plan and not self.plan.may_join(self.study.get_trials(deepcopy=False), fixed):
+            logger.info("the array of %s takes no more members: the structure has its share while others are "
+                        "untried", fixed)
+            return None  # the array runs down; the next starts at an untried structure
         while not self.stop.is_set() and not budget.out_of_time(self.study):
             trial = self.claim(self.study, accept=lambda t: can_join(t, fixed), fixed=fixed)
             if trial is None:

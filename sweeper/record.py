@@ -132,23 +132,23 @@ CHECKPOINT = Field[dict[str, Any]]("sweeper:checkpoint", "trial system",
 RESUME = Field[dict[str, Any] | None]("sweeper:resume", "trial system", "{id, step[, sha256]} or None",
                                       "checkpoints, user_train", ("checkpoints", "objective"), "the resume state; None once the trial ended")
 REPEAT = Field[dict[str, Any]]("repeats", "trial user", "{trial, seed, index}", "best (enqueue_trial), objective",
-                               ("objective", "best", "array_worker"),
+                               ("objective", "best", "array_structure"),
                                "a seed trial (`sweeper best --seeds`): the trial it repeats and the seed it trains with; "
                                "the objective copies it onto a retry. Never ranked")
 PROMOTION = Field[list[dict[str, Any]]](
-    "sweeper:promotion", "trial system", "list[{decision, rung, evaluation, value, eta, rank?, of?, at}]", "promotion",
-    ("promotion",),
+    "sweeper:promotion", "trial system", "list[{decision, rung, evaluation, value, eta, rank?, of?, resumed?, at}]", "promotion",
+    ("promotion", "budget"),
     "pruner=\"asha\": every rung decision, oldest first: promote (went on at once, or was resumed), pause "
     "(waiting again, with its resume state), prune (still paused when the sweep ended); status and report show "
     "them (for machines: several lines a trial)")
 
 RETRY_HISTORY = Field[list[int]]("retry_history", "trial system", "list[int]", "worker (RetryCallback)",
-                                 ("budget", "objective", "worker", "array_worker"),
+                                 ("budget", "objective", "worker", "array_structure"),
                                  "the trials a retry replaces, oldest first (Optuna's own key)")
 FAILED_TRIAL = Field[int]("failed_trial", "trial system", "int", "worker (RetryCallback)", ("status",),
                           "the first trial of a retry's lineage (Optuna's own key)")
 FIXED_PARAMS = Field[dict[str, Any]]("fixed_params", "trial system", "dict", "budget (enqueue_trial), worker (claim)",
-                                     ("budget", "array_worker"),
+                                     ("budget", "array_worker", "array_structure"),
                                      "values the sampler does not propose: a first trial's, or an array's "
                                      "structure on a member (Optuna's own key)")
 

@@ -30,6 +30,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper import budget, liveness, optuna_adapter, promotion, record
+from sweeper.array_structure import fresh
 from sweeper.outcome import Outcome, WorkerInfo
 from sweeper.storage import mask, open_storage
 
@@ -121,7 +122,8 @@ def claim(study: optuna.Study, accept: Callable[[FrozenTrial], bool] | None = No
 
     ``accept``: only a ticket it accepts (read before the claim; a trial array takes fresh
     tickets of its structure); ``fixed``: values the sampler must not propose for it (Optuna's
-    ``fixed_params``), set between the claim and the first read of the trial."""
+    ``fixed_params``), set between the claim and the first read of the trial, on a fresh ticket
+    only (a retry keeps its parameters)."""
     storage = optuna_adapter.storage_of(study)
     optuna_adapter.forget_cached_trials(study)  # as Study.ask does: see every new trial
     promoted = promotion.promote(study) if accept is None else None
@@ -136,8 +138,9 @@ def claim(study: optuna.Study, accept: Callable[[FrozenTrial], bool] | None = No
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
         if taken:
-            if fixed:
-                own = record.FIXED_PARAMS.get(storage.get_trial(trial_id), {}) or {}
+            ticket = storage.get_trial(trial_id) if fixed else None
+            if fixed and ticket is not None and fresh(ticket):
+                own = record.FIXED_PARAMS.get(ticket, {}) or {}
                 storage.set_trial_system_attr(trial_id, record.FIXED_PARAMS.key, {**own, **fixed})
             # One read of the study now, with the claimed trial in it: the storage's cache must
             # know a trial before its parameters are set, and the sampler reuses this read.
@@ -190,17 +193,19 @@ def run(
     _install_signal_handlers(stop)
     objective = Objective(sweep, study, info, store, stop)
     run_trial: Callable[[optuna.Trial], Outcome] = objective.run
+    next_ticket: Callable[[optuna.Study], optuna.Trial | None] = claim
     if sweep.array_size > 1 and sweep.train is None:
         from sweeper.array_worker import ArrayRunner
 
-        run_trial = ArrayRunner(objective, study, sweep.array_size, lambda t, o: _tell(study, t, o, retry), stop,
-                                heartbeat_interval or storage_mod.HEARTBEAT_INTERVAL_S, claim)
+        runner = ArrayRunner(objective, study, sweep.array_size, lambda t, o: _tell(study, t, o, retry), stop,
+                             heartbeat_interval or storage_mod.HEARTBEAT_INTERVAL_S, claim)
+        run_trial, next_ticket = runner, runner.claim_first
     logger.info("worker %d on %s (%s) joined study %r at %s", info.index, info.host, info.device,
                 sweep.name, mask(url))
     code = serve(study, run_trial, retry, stop,
                  heartbeat_interval=heartbeat_interval or storage_mod.HEARTBEAT_INTERVAL_S,
                  grace_period=grace_period or storage_mod.GRACE_PERIOD_S, name=f"worker {info.index}",
-                 release=lambda trial: checkpoints.remove_resume(store, trial))
+                 release=lambda trial: checkpoints.remove_resume(store, trial), claim_next=next_ticket)
     storage.dispose()  # give the connections back now, not when the process exits
     return code
 
@@ -215,13 +220,15 @@ def serve(
     grace_period: float = 120,
     name: str = "worker",
     release: Callable[[optuna.Trial], None] | None = None,
+    claim_next: Callable[[optuna.Study], optuna.Trial | None] = claim,
 ) -> int:
     """Claim tickets of ``study`` and run them with ``run_trial`` until the budget is spent.
 
     Independent of what a trial does: the fine-tuning objective and the benchmarks' trivial
     objectives go through the same claiming, heartbeats, hand-backs and retries. At the end,
     trials that ``pruner="asha"`` left paused are pruned and ``release`` deletes their resume
-    states (``promotion.close``).
+    states (``promotion.close``). ``claim_next`` takes the next ticket (a trial array's runner
+    fixes the structure of a new array's first member there).
     """
     last_reap, idle = 0.0, False
     while not stop.is_set():
@@ -232,7 +239,7 @@ def serve(
         if why:
             logger.info("%s stops: %s", name, why)
             break
-        trial = claim(study)
+        trial = claim_next(study)
         if trial is None:
             trials = study.get_trials(deepcopy=False)
             if not any(t.state == TrialState.RUNNING for t in trials):

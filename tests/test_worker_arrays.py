@@ -56,6 +56,8 @@ def test_an_array_sweep_counts_every_member_once_on_both_storages(tmp_path: Path
     groups = _arrays(trials)
     assert sum(len(members) for members in groups.values()) == 8, "every trial trained in an array"
     assert max(len(members) for members in groups.values()) >= 2, "some array held several members"
+    # Both depths were tried (array_structure.py): a new array starts at an untried structure.
+    assert {t.params["unfreeze_depth"] for t in trials} == {1, 2}
     for first, members in groups.items():
         # The structure the first member drew is every member's; the rest is each one's own.
         assert {m.params["unfreeze_depth"] for m in members} == {members[0].params["unfreeze_depth"]}
@@ -78,7 +80,8 @@ def test_an_array_sweep_counts_every_member_once_on_both_storages(tmp_path: Path
 
 @pytest.mark.slow
 def test_a_member_retried_alone_sees_its_batches_and_ends_with_its_curve(tmp_path: Path) -> None:
-    study = write_study(tmp_path, ARRAY_STUDY)
+    # One structure: nothing to explore, so the array refills for as long as there are tickets.
+    study = write_study(tmp_path, ARRAY_STUDY.replace('"unfreeze_depth": Int(1, 2),', '"unfreeze_depth": 2,'))
     url = f"sqlite:///{tmp_path / 'out' / 'study.db'}"
     result = run_cli("launch", str(study), "--workers", "1", "--array-size", "3",
                      "--set", "n_trials=4", "--set", "pruner=none")

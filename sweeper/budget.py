@@ -199,14 +199,26 @@ def out_of_time(study: optuna.Study) -> str | None:
     return None
 
 
+def run_started(trial: FrozenTrial | optuna.Trial) -> float | None:
+    """When ``trial``'s current run began: its start, or its latest resumption after a pause
+    (``pruner="asha"``), whose earlier runs ``GPU_SECONDS`` holds already."""
+    resumed = [d["at"] for d in record.PROMOTION.get(trial, []) or [] if d.get("resumed")]
+    if resumed:
+        return float(resumed[-1])
+    start = trial.datetime_start
+    return start.timestamp() if start is not None else None
+
+
 def gpu_seconds_spent(trials: list[FrozenTrial]) -> float:
-    """Device-seconds of finished trials, plus the running ones' elapsed time so far."""
+    """Device-seconds of finished and paused trials, plus the running ones' current run so far
+    (after their earlier runs, if they were paused)."""
     total = 0.0
     now = time.time()
     for t in trials:
-        if t.state.is_finished():
-            total += float(record.GPU_SECONDS.get(t, 0.0))
-        elif t.state == TrialState.RUNNING and t.datetime_start is not None:
+        started = run_started(t)
+        if t.state.is_finished() or t.state == TrialState.WAITING and started is not None:
+            total += float(record.GPU_SECONDS.get(t, 0.0))  # a paused trial recorded its runs when it paused
+        elif t.state == TrialState.RUNNING and started is not None:
             devices = float(record.DEVICES.get(t, 1))
-            total += max(0.0, now - t.datetime_start.timestamp()) * devices
+            total += float(record.GPU_SECONDS.get(t, 0.0)) + max(0.0, now - started) * devices
     return total

@@ -167,7 +167,7 @@ def judge(study: optuna.Study, trial: optuna.Trial, evaluation: int, value: floa
                     decision["rank"], decision["of"])
         return
     # The device time of this run so far: a paused trial is not told, so nothing else records it.
-    started = trial.datetime_start.timestamp() if trial.datetime_start else time.time()
+    started = budget.run_started(trial) or time.time()  # this run's start: the earlier ones are recorded
     earlier = float(record.GPU_SECONDS.get(trial, 0.0))
     record.GPU_SECONDS.set(trial, round(earlier + (time.time() - started) * float(record.DEVICES.get(trial, 1)), 3))
     _append(trial, {"decision": PAUSE, **decision})
@@ -205,7 +205,7 @@ def promote(study: optuna.Study) -> int | None:
         pause = paused_at(trial) or {}
         live = optuna.Trial(study, optuna_adapter.trial_id(trial))
         _append(live, {"decision": PROMOTE, **{k: pause.get(k) for k in ("rung", "evaluation", "value", "eta")},
-                       "at": round(time.time(), 3)})
+                       "resumed": True, "at": round(time.time(), 3)})
         logger.info("trial %d promoted from rung %s", trial.number, pause.get("rung"))
         return optuna_adapter.trial_id(trial)
     return None

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import optuna
+import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
@@ -264,3 +265,17 @@ def test_gpu_seconds_spent_adds_finished_records_and_running_elapsed_times_devic
 
 def test_gpu_seconds_spent_is_zero_for_an_empty_study(storage_url: str) -> None:
     assert budget.gpu_seconds_spent(_study(storage_url).get_trials()) == 0.0
+
+
+def test_a_paused_trial_counts_its_recorded_runs_and_a_resumed_one_its_current_run_after_them() -> None:
+    # pruner="asha": a paused trial is WAITING with a start time and the device-seconds of its
+    # runs so far; once resumed, its current run is timed from the resumption, not from its start.
+    paused = _trial(TrialState.WAITING, started_ago_s=3600, attrs={record.GPU_SECONDS.key: 40.0})
+    resumed = _trial(TrialState.RUNNING, started_ago_s=3600, attrs={record.GPU_SECONDS.key: 30.0})
+    resumed.system_attrs[record.PROMOTION.key] = [
+        {"decision": "pause", "at": time.time() - 3000},
+        {"decision": "promote", "resumed": True, "at": time.time() - 10}]
+    ticket = _trial(TrialState.WAITING, attrs={record.GPU_SECONDS.key: 1000.0})  # never started: nothing
+    assert budget.run_started(resumed) == pytest.approx(time.time() - 10, abs=1)
+    spent = budget.gpu_seconds_spent([paused, resumed, ticket])
+    assert 80.0 <= spent < 82.0, spent

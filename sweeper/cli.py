@@ -239,7 +239,7 @@ def cmd_launch(args: argparse.Namespace, join: bool = False) -> int:
     options = LaunchOptions(
         study_path=args.study, overrides=args.set or [], url=url, workers=args.workers,
         workers_per_gpu=args.workers_per_gpu,
-        gpus=[g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None,
+        gpus=_gpu_ids(args.gpus),
         n_trials=getattr(args, "n_trials", None), timeout=getattr(args, "timeout", None),
         gpu_hours=getattr(args, "gpu_hours", None), join=join, heartbeat_interval=args.heartbeat,
         grace_period=args.grace, progress=sys.stderr,
@@ -371,7 +371,7 @@ def _run_seed_trials(args: argparse.Namespace, sweep: Any, study: Any) -> dict[s
     options = LaunchOptions(
         study_path=args.study, overrides=args.set or [], url=_url(args, sweep), workers=args.workers,
         workers_per_gpu=args.workers_per_gpu,
-        gpus=[g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None,
+        gpus=_gpu_ids(args.gpus),
         n_trials=total, heartbeat_interval=args.heartbeat, grace_period=args.grace, progress=sys.stderr,
     )
     launcher = Launcher(sweep, options, starter)
@@ -568,6 +568,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     if args.out:
         check_out(Path(args.out), folder=True)
+    if not args.image.strip():
+        raise SweepError("--image is empty: name the worker image the cluster pulls (built from "
+                         f"docker/Dockerfile), or leave out --image for sweeper:{__version__}")
     sweep = _load(args)
     options = deploy.K8sOptions(
         study_file=Path(args.study), sweep_name=sweep.name, workers=args.workers, image=args.image,
@@ -709,6 +712,19 @@ def _hide_passwords_from_ps() -> None:
         import setproctitle
 
         setproctitle.setproctitle(" ".join(shown))
+
+
+
+def _gpu_ids(text: str | None) -> list[str] | None:
+    """``--gpus 0,2`` as ids; None when left out (every visible GPU). One that names none is
+    an error, not a quiet run on the CPU."""
+    if text is None:
+        return None
+    ids = [g.strip() for g in text.split(",") if g.strip()]
+    if not ids:
+        raise SweepError(f"--gpus {text!r} names no GPU: give ids such as 0 or 0,2 (`nvidia-smi -L` lists "
+                         "them), or leave out --gpus to use every visible GPU")
+    return ids
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -191,3 +191,18 @@ def test_create_with_a_smaller_budget_says_the_budget_that_stays(study: Path, tm
     study_ = optuna.load_study(study_name="tiny", storage=url)
     assert len(study_.get_trials()) == 6
     assert record.N_TRIALS.get(study_) == 6, "the study records the budget in effect, not the one asked for"
+
+
+@pytest.mark.parametrize("gpus", [",", " , ", ""])
+def test_gpus_that_name_no_gpu_are_one_line_not_a_quiet_cpu_run(study: Path, gpus: str, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    line = _one_line_error(capsys, "launch", str(study), "--gpus", gpus, "--storage", f"sqlite:///{tmp_path / 'db'}")
+    assert "names no GPU" in line and "leave out --gpus" in line
+    assert not (tmp_path / "db").exists(), "refused before anything was created"
+
+
+def test_an_empty_image_for_kubernetes_is_one_line(study: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    line = _one_line_error(capsys, "deploy", "k8s", str(study), "--workers", "2", "--image", " ", "--out", str(tmp_path / "k8s"))
+    assert "--image is empty" in line
+    assert not (tmp_path / "k8s").exists() or not any((tmp_path / "k8s").iterdir())

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import signal
+import socket
 import subprocess
 import time
 import warnings
@@ -94,6 +96,16 @@ class Slot:
     log: Path | None = None
 
 
+def log_name(index: int, join: bool) -> str:
+    """A worker's log file. Workers that join from other machines (``sweeper worker``, one per
+    container under compose) often share the logs folder and number their workers from 0 as
+    well: their host's name keeps each one's log its own."""
+    if not join:
+        return f"worker-{index}.log"
+    host = re.sub(r"[^A-Za-z0-9._-]+", "_", socket.gethostname()) or "host"
+    return f"worker-{index}-{host}.log"
+
+
 def visible_gpus() -> list[str]:
     """Physical GPU ids this machine offers (honouring an existing CUDA_VISIBLE_DEVICES)."""
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -154,7 +166,9 @@ def prepare_study(sweep: Sweep, options: LaunchOptions) -> optuna.Study:
     checkpoints.record_location(study, sweep)  # Optuna does not record the artifact store
     n_trials = options.n_trials or sweep.n_trials
     first, _ = space_mod.first_trial_params(sweep.space, sweep.first_trials)  # checked when the study loaded
-    added = budget.ensure_tickets(study, n_trials, first)
+    # scheduler="pbt": the first segment of each member now; each later one as the one before it ends.
+    queue = min(n_trials, sweep.population) if sweep.scheduler == "pbt" else None
+    added = budget.ensure_tickets(study, n_trials, first, queue=queue)
     n_trials = record.N_TRIALS.get(study) or n_trials  # the budget in effect: it never shrinks
     timeout = options.timeout or sweep.timeout
     gpu_hours = options.gpu_hours or sweep.gpu_hours
@@ -197,7 +211,7 @@ class Launcher:
         if self.options.grace_period:
             argv += ["--grace", str(self.options.grace_period)]
         self.logs.mkdir(parents=True, exist_ok=True)
-        slot.log = self.logs / f"worker-{slot.index}.log"
+        slot.log = self.logs / log_name(slot.index, self.options.join)
         slot.started_at = time.time()
         slot.process = self.starter.start(argv, env, slot.log)  # in its own session: Ctrl-C reaches us, not them
         logger.info("worker %d started (pid %d, %s)", slot.index, slot.process.pid,

@@ -98,6 +98,8 @@ class ArrayRunner:
             try:
                 array.run(refill=lambda: self._refill(array, fixed, capacity, beat), capacity=capacity,
                           on_leave=lambda left: self._leave(left, beat))
+                logger.info("the array of trial %d ended: %d steps, %.2f members a step on average, of %d",
+                            trial.number, array.position, array.member_steps / max(1, array.position), capacity)
             except Exception as exc:  # the array itself failed (out of memory, a bug): each member ends with it
                 logger.error("the trial array failed", exc_info=exc)
                 for number in list(self._members):

@@ -136,6 +136,7 @@ class TrialArray:
         self.data, self.settings, self.structure, self.trace = data, settings, structure, trace
         self.device = settings.device
         self.position = 0  # batches the array has consumed: its step count
+        self.member_steps = 0  # members' steps in all: over position, how full the array stayed
         self.batches_per_epoch = math.ceil(len(data.train) / structure.batch_size)
         self.total = max(1, int(round(settings.epochs * self.batches_per_epoch)))
         self.evaluate_at = loop._evaluation_steps(self.total, self.batches_per_epoch, settings)
@@ -261,6 +262,7 @@ class TrialArray:
             drift = buffers.step([s.state.step for s in slots], [s.warmup for s in slots], self.total)
             loss = task.detach() + buffers.lam * drift
         self.position += 1
+        self.member_steps += len(slots)
         if self.stats is not None:
             self.stats.trained()
         share = (time.perf_counter() - tick) / len(slots)  # the step's time, split evenly

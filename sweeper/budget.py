@@ -78,8 +78,11 @@ def tally(trials: list[FrozenTrial]) -> Tally:
                  count[TrialState.PRUNED], count[TrialState.FAIL], retried)
 
 
-def ensure_tickets(study: optuna.Study, n_trials: int, first: list[dict[str, Any]] | None = None) -> int:
+def ensure_tickets(study: optuna.Study, n_trials: int, first: list[dict[str, Any]] | None = None,
+                   queue: int | None = None) -> int:
     """Enqueue WAITING tickets until the budget is ``n_trials``; returns how many were added.
+    ``queue``: queue only this many of them now (``scheduler="pbt"``: the first segments of
+    the population; ``pbt.py`` adds each later segment when the one before it ends).
 
     The ``first`` trials' parameters go on the first new tickets (Optuna's ``fixed_params``,
     which ``Trial.suggest_*`` returns instead of sampling), each once per study: a resumed
@@ -92,17 +95,17 @@ def ensure_tickets(study: optuna.Study, n_trials: int, first: list[dict[str, Any
     """
     # Adding a trial is not repeated by the storage (a lost answer would add two); counting
     # first makes the whole of it safe to repeat: a repeat adds only what is still missing.
-    return optuna_adapter.call_with_retries(lambda: _add_missing(study, n_trials, first or []),
+    return optuna_adapter.call_with_retries(lambda: _add_missing(study, n_trials, first or [], queue),
                                             what="adding tickets")
 
 
-def _add_missing(study: optuna.Study, n_trials: int, first: list[dict[str, Any]]) -> int:
+def _add_missing(study: optuna.Study, n_trials: int, first: list[dict[str, Any]], queue: int | None = None) -> int:
     # Count and add under one lock: two creators that both counted before either added would
     # each add the whole budget (issue 17.4: 50, 76 and 79 tickets for a budget of 40).
     with ticket_lock(study) as still_held:
         trials = study.get_trials(deepcopy=False)
         spent = tally(trials).spent
-        missing = max(0, n_trials - spent)
+        missing = max(0, min(n_trials, n_trials if queue is None else queue) - spent)
         queued = [record.FIXED_PARAMS.get(t) or {} for t in trials]
         fresh = [p for p in first if p not in queued][:missing]  # JSON gives back 1e-4 as 1e-4
         for params in fresh + [{}] * (missing - len(fresh)):

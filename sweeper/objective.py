@@ -21,7 +21,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial
 
-from sweeper import __version__, checkpoints, configuration, promotion, record
+from sweeper import __version__, checkpoints, configuration, pbt, promotion, record
 from sweeper import space as space_mod
 from sweeper.errors import SweepError
 from sweeper.finetune import freeze
@@ -35,6 +35,7 @@ from sweeper.finetune.loop import (
     Preempted,
     TrainState,
     load_trained,
+    schedule_of,
     train,
 )
 from sweeper.outcome import Outcome, WorkerInfo
@@ -146,9 +147,12 @@ class Objective:
                 field.set(trial, value)
         if reason:
             record.FAIL_REASON.set(trial, reason)
-        checkpoints.remove_resume(self.store, trial)
-        for earlier in self._lineage_trials(trial):  # the states this retry continued from
-            checkpoints.remove_resume(self.store, earlier)
+        if self.sweep.scheduler == "pbt":  # other segments may start from its state: pbt.py decides
+            pbt.release(self.study, self.store, trial)
+        else:
+            checkpoints.remove_resume(self.store, trial)
+            for earlier in self._lineage_trials(trial):  # the states this retry continued from
+                checkpoints.remove_resume(self.store, earlier)
         # Keep-top-k as the sweep runs, not only at its end, so a long sweep cannot fill the
         # disk. This trial is ranked by the next clean-up, once it is told COMPLETE.
         checkpoints.tidy(self.study, self.store, self.sweep.keep)
@@ -158,8 +162,19 @@ class Objective:
     def _train(self, trial: optuna.Trial) -> float:
         """Train ``trial`` and record its results; returns its value (its best evaluation)."""
         prepared = self.prepare(trial)
-        result = train(prepared.adapter, self.data(), prepared.hyper, prepared.settings, prepared.hooks,
-                       prepared.resume, lm_head=prepared.lm_head, tokenizer=self._tokenizer)
+        segment, resume = prepared.hooks.segment, prepared.resume
+        if segment is not None and resume is not None and resume.history and \
+                pbt.ends_at(resume.evaluations, segment, self.sweep.perturbation_interval, prepared.hooks.evaluations):
+            # The attempt this retries reached the segment's end and was cut off before it was
+            # told: end it there, from that state (kept as this trial's own, for a donor).
+            checkpoints.save_resume(self.store, trial, resume)
+            ended = prepared.hooks.end_segment(resume, {self.sweep.metric: resume.history[-1][1]})
+            return self.conclude(trial, prepared, ended.result)
+        try:
+            result = train(prepared.adapter, self.data(), prepared.hyper, prepared.settings, prepared.hooks,
+                           prepared.resume, lm_head=prepared.lm_head, tokenizer=self._tokenizer)
+        except pbt.SegmentEnded as ended:  # scheduler="pbt": the segment's last evaluation is its result
+            result = ended.result
         return self.conclude(trial, prepared, result)
 
     def prepare(self, trial: optuna.Trial, place: dict[str, int] | None = None) -> PreparedTrial:
@@ -173,7 +188,11 @@ class Objective:
         data = self.data()
         history = lineage(trial)
         repeat = self._repeat_mark(trial, history)  # a seed trial of `sweeper best --seeds` trains with its own seed
-        seed = int(repeat["seed"]) if repeat else trial_seed(sweep.seed, history[0] if history else trial.number)
+        # A seed trial of a PBT sweep trains its segment's values for a whole run: it is no segment.
+        segment = pbt.begin(trial, history) if sweep.scheduler == "pbt" and repeat is None else None
+        # A PBT segment trains with its member's seed, so a member that always continues trains as one trial.
+        first = int(segment["member"]) if segment else (history[0] if history else trial.number)
+        seed = int(repeat["seed"]) if repeat else trial_seed(sweep.seed, first)
         # The new head's initial weights: the study's draw, or the trial's (`head_init`).
         torch.manual_seed(head_seed(sweep.seed) if sweep.head_init == "shared" else seed)
         adapter = sweep.model.build(data.num_labels, sweep.cache_dir, hyper.dropout, data.label_names)
@@ -188,6 +207,8 @@ class Objective:
         place = place or self._array_place(trial)
         # A promoted trial continues from its own resume state (promotion.py), a retry from its lineage's.
         resume = self._resume_state(history + ([trial.number] if promotion.was_paused(trial) else []))
+        if resume is None and segment and segment.get("parent") is not None:
+            resume = self._segment_start(int(segment["parent"]), segment)  # a PBT segment: its parent's state
         if resume is not None:
             record.RESUMED_FROM_STEP.set(trial, resume.step)
         # Only text models have an MLM head; the study check refuses mlm for any other.
@@ -199,8 +220,11 @@ class Objective:
             eval_every_steps=sweep.eval_every_steps, bf16=sweep.bf16, compile=sweep.compile,
             batch_seed=place["batch_seed"] if place else None, batch_start=place["batch_start"] if place else 0,
         )
-        # A seed trial is not pruned: its figure is one sample of a spread, wanted whole.
-        hooks = _TrialHooks(self, trial, sweep.max_evaluations, prune=repeat is None)
+        # A seed trial is not pruned: its figure is one sample of a spread, wanted whole; nor is a PBT segment.
+        hooks = _TrialHooks(self, trial, sweep.max_evaluations, prune=repeat is None and segment is None)
+        if segment is not None:
+            hooks.segment = segment
+            hooks.evaluations = len(schedule_of(len(data.train), hyper.batch_size, settings)[2])
         if resume is not None:
             hooks.replay(resume)
         return PreparedTrial(params, hyper, adapter, seed, settings, hooks, resume, lm_head)
@@ -281,6 +305,21 @@ class Objective:
             return []
         return [t for t in self.study.get_trials(deepcopy=False) if t.number in history]
 
+    def _segment_start(self, parent: int, segment: dict[str, Any]) -> TrainState:
+        """The resume state a PBT segment starts from: its parent's, at the parent's end."""
+        earlier = next((t for t in self.study.get_trials(deepcopy=False) if t.number == parent), None)
+        info = record.RESUME.get(earlier) if earlier is not None else None
+        try:
+            if not info:
+                raise LookupError("no resume state recorded")
+            state = checkpoints.load_resume(self.store, info["id"])
+        except Exception as exc:  # noqa: BLE001  (gone or unreadable: this member cannot go on)
+            raise SweepError(f"the resume state of trial {parent}, where this segment of member "
+                             f"{segment['member']} starts, cannot be read ({exc}): the member ends here") from None
+        logger.info("PBT segment %d of member %s starts from trial %d at step %d (%s)", segment["generation"],
+                    segment["member"], parent, state.step, segment["decision"])
+        return state
+
     def _resume_state(self, history: list[int]) -> TrainState | None:
         """The resume state of the latest trial in this retry's lineage that saved one."""
         if not history:
@@ -320,6 +359,9 @@ class _TrialHooks(Hooks):
     def __init__(self, objective: Objective, trial: optuna.Trial, planned: int, prune: bool = True) -> None:
         self.objective, self.trial, self.planned, self.prune = objective, trial, planned, prune
         self.timings: dict[record.Field[float], float] = {}  # as of its last evaluation point
+        self.segment: dict[str, Any] | None = None  # scheduler="pbt": the segment this trial trains
+        self.evaluations = 0  # ... and the evaluations of its whole run
+        self.samples = 0  # trained since it started or resumed, as of its last evaluation point
 
     def replay(self, state: TrainState) -> None:
         """Report the evaluations of the trial being continued, so its curve is complete."""
@@ -336,17 +378,36 @@ class _TrialHooks(Hooks):
         logger.info("trial %d evaluation %d: %.4f", trial.number, evaluation, value)
         if self.prune and trial.should_prune():
             raise optuna.TrialPruned(f"pruned at evaluation {evaluation} with {value:.4f}")
+        sweep = self.objective.sweep
+        ends = self.segment is not None and pbt.ends_at(evaluation, self.segment, sweep.perturbation_interval,
+                                                        self.evaluations)
+        state = snapshot()
         try:
-            checkpoints.save_resume(self.objective.store, trial, snapshot())
+            checkpoints.save_resume(self.objective.store, trial, state)
         except checkpoints.StoreError as exc:  # a full disk must not kill the trial; it just loses its resume point
+            if ends:
+                raise  # but a PBT segment's end hands its state on: without it its member cannot go on
             logger.warning("trial %d: cannot save its resume state (%s)", trial.number, exc)
             return  # nor does it pause at a rung without one: it could not be promoted
-        sweep = self.objective.sweep
         if self.prune and sweep.pruner == "asha":  # may pause it here (raises promotion.Paused)
             promotion.judge(self.objective.study, trial, evaluation, value, eta=sweep.reduction_factor,
                             max_evaluations=sweep.max_evaluations)
+        if ends:
+            raise self.end_segment(state, all_metrics)
+
+    def end_segment(self, state: TrainState, metrics: dict[str, float]) -> pbt.SegmentEnded:
+        """End this PBT segment at ``state`` (saved): queue its member's next segment, and the
+        result to end the trial with, this evaluation's model and value."""
+        evaluation, value = state.history[-1]
+        pbt.end_segment(self.objective.study, self.trial, self.objective.sweep, evaluation=evaluation, value=value,
+                        step=state.step, planned=self.evaluations)
+        return pbt.SegmentEnded(LoopResult(
+            best_value=value, best_evaluation=evaluation, best_metrics=dict(metrics), best_model=state.model,
+            history=list(state.history), steps=state.step, train_seconds=self.timings.get(record.TRAIN_SECONDS, 0.0),
+            eval_seconds=self.timings.get(record.EVAL_SECONDS, 0.0), samples=self.samples))
 
     def timed(self, train_seconds: float, eval_seconds: float, samples: int) -> None:
+        self.samples = samples
         self.timings = self.objective.timings = {
             record.TRAIN_SECONDS: round(train_seconds, 3), record.EVAL_SECONDS: round(eval_seconds, 3),
             record.SAMPLES_PER_SECOND: round(samples / train_seconds, 1) if train_seconds > 0 else 0.0,

@@ -38,6 +38,7 @@ DIRECTIONS = ("maximize", "minimize")
 # A study's name is a folder name (`output_dir` is sweeps/{name} by default): no separators,
 # no "..", no NUL, nothing a shell or a Kubernetes label would trip on (issue 17.8).
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+SCHEDULERS = ("none", "pbt")  # pbt: population-based training (pbt.py)
 HEAD_INITS = ("shared", "trial")  # `head_init` (issue 19: averaged trials must start from one head)
 
 
@@ -78,6 +79,27 @@ class Sweep:
     reduction_factor: int = setting(3, "η of pruner=\"asha\": rungs at evaluations 1, η, η², ..., where a trial goes "
                                     "on only in the top 1/η of those that reached the rung (typically 2..4)",
                                     Range(2, 100, whole=True))
+    scheduler: str = setting(
+        "none", "\"pbt\": population-based training (sweeper/pbt.py): each trial is one segment of a member; at its "
+        "end the bottom `quantile` goes on from a top member's weights and optimizer state, perturbed; nothing is "
+        "pruned", OneOf(SCHEDULERS))
+    population: int = setting(4, "scheduler=\"pbt\": members trained side by side, started by the first trials of "
+                              "the budget (typically the number of workers, or a small multiple)",
+                              Range(1, 10_000, whole=True, unit="members"))
+    perturbation_interval: int = setting(1, "scheduler=\"pbt\": evaluations in one segment; a member is ranked "
+                                         "after each (typically 1..4)", Range(1, 1000, whole=True, unit="evaluations"))
+    quantile: float = setting(0.25, "scheduler=\"pbt\": the share of the members ranked at an evaluation that "
+                              "exploits the same share at the top (Ray Tune's quantile_fraction)",
+                              Range(0, 0.5, above=True))
+    resample_probability: float = setting(0.25, "scheduler=\"pbt\": chance that an exploiting member draws a "
+                                          "hyperparameter afresh from the space instead of perturbing it (Ray Tune's)",
+                                          Range(0, 1))
+    perturbation_factors: tuple[float, ...] = setting(
+        (1.2, 0.8), "scheduler=\"pbt\": an exploiting member's continuous hyperparameters are multiplied by one of "
+        "these, drawn at random, and clipped to the space (Ray Tune's)", Check(
+            lambda v: isinstance(v, (list, tuple)) and len(v) > 0
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in v),
+            "positive numbers", "give positive factors, e.g. perturbation_factors=[1.2,0.8]"))
     sampler: str = setting("tpe", "proposes each trial's hyperparameters", OneOf(SAMPLERS))
     first_trials: tuple[Any, ...] = setting(
         (), "trials run before the sampler proposes any: dicts of searched values (a recipe known to work; the "
@@ -162,6 +184,7 @@ class Sweep:
             p.append("`pretrain_loss` is 'mlm', which needs a text model with a masked-LM head: use distill or l2sp")
         p.extend(self._array_problems())
         p.extend(self._asha_problems())
+        p.extend(self._pbt_problems())
         better = metrics.METRICS.get(self.metric) if isinstance(self.metric, str) else None
         if better and self.direction in DIRECTIONS and better != self.direction:
             p.append(f"`direction` is {self.direction!r}, but `{self.metric}` is better when it is "
@@ -186,6 +209,7 @@ class Sweep:
         if not isinstance(self.metric, str) or not self.metric.strip():
             p.append(f"`metric` is {self.metric!r}: name the figure the function reports (e.g. \"accuracy\")")
         p.extend(self._asha_problems())
+        p.extend(self._pbt_problems())
         return p
 
     def _asha_problems(self) -> list[str]:
@@ -200,6 +224,36 @@ class Sweep:
             return [f"`pruner` is 'asha' and `array_size` is {self.array_size}: a member of a trial array "
                     "cannot pause alone; set array_size=1 or use pruner=\"hyperband\""]
         return []
+
+    def _pbt_problems(self) -> list[str]:
+        """``scheduler="pbt"`` hands one trial's resume state to another inside sweeper's own
+        loop (``pbt.py``), and its budget is segments: population × segments per member."""
+        if self.scheduler != "pbt":
+            return []
+        if self.train is not None:
+            return ["`scheduler` is 'pbt', which hands weights and optimizer state from trial to trial inside "
+                    "sweeper's own training loop, and this study has its own `train`: use scheduler=\"none\""]
+        p = []
+        if _whole(self.array_size) and self.array_size > 1:
+            p.append(f"`scheduler` is 'pbt' and `array_size` is {self.array_size}: a member of a trial array cannot "
+                     "hand its state to another trial alone; set array_size=1 or scheduler=\"none\"")
+        if self.pruner == "asha":
+            p.append("`scheduler` is 'pbt' and `pruner` is 'asha': a rung would pause a member in the middle of a "
+                     "segment; use pruner=\"none\" (PBT prunes nothing: it exploits)")
+        if not (_whole(self.population) and _whole(self.n_trials) and _whole(self.perturbation_interval)
+                and self.perturbation_interval > 0 and self.population > 0):
+            return p  # their own rules report them
+        if self.population > self.n_trials:
+            p.append(f"`population` is {self.population} but `n_trials` is {self.n_trials}: the first segment of "
+                     f"every member is a trial of the budget; raise n_trials to population × segments per member")
+        elif self.max_evaluations and isinstance(self.epochs, (int, float)) and not self.eval_every_steps:
+            segments = -(-self.max_evaluations // self.perturbation_interval)
+            if self.n_trials > self.population * segments:
+                p.append(f"`n_trials` is {self.n_trials}, but {self.population} members of {segments} segments each "
+                         f"({self.max_evaluations} evaluations, perturbation_interval {self.perturbation_interval}) "
+                         f"train {self.population * segments} trials in all: set n_trials={self.population * segments} "
+                         "or fewer")
+        return p
 
     def _array_problems(self) -> list[str]:
         """What trial arrays cannot train yet (``finetune/arrays.py``)."""

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper import budget, liveness, optuna_adapter, promotion, record
+from sweeper import budget, liveness, optuna_adapter, pbt, promotion, record
 from sweeper.array_structure import fresh
 from sweeper.outcome import Outcome, WorkerInfo
 from sweeper.storage import mask, open_storage
@@ -97,6 +97,8 @@ class RetryCallback:
             return
         # Optuna's own keys only: the cut-off trial's artifacts and checkpoint record are its own.
         system_attrs = {k: v for k, v in trial.system_attrs.items() if not k.startswith(("artifacts:", "sweeper:"))}
+        if segment := record.PBT.get(trial):  # a PBT segment's retry is the same segment of the same member
+            system_attrs[record.PBT.key] = pbt.for_retry(segment)
         system_attrs.update({record.FAILED_TRIAL.key: history[0], record.RETRY_HISTORY.key: history})
         retry = optuna.create_trial(state=TrialState.WAITING, params=trial.params,
                                     distributions=trial.distributions, system_attrs=system_attrs)

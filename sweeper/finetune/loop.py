@@ -213,9 +213,7 @@ def _train(
             if settings.compile else None)
 
     # -------------------------------------------------------------------- steps, optimizer, schedule
-    batches_per_epoch = math.ceil(len(data.train) / hyper.batch_size)
-    total_steps = max(1, int(round(settings.epochs * batches_per_epoch)))
-    evaluate_at = _evaluation_steps(total_steps, batches_per_epoch, settings)
+    batches_per_epoch, total_steps, evaluate_at = schedule_of(len(data.train), hyper.batch_size, settings)
     optimizer = _optimizer(adapter, trainable, hyper)
     warmup = int(hyper.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -227,9 +225,16 @@ def _train(
     names = {id(p): n for n, p in adapter.named_parameters()}
     buffers = freeze.trained_buffers(adapter, depth)
     if resume is not None:
+        # The optimizer's hyperparameters stay this trial's: a PBT segment (pbt.py) goes on from
+        # another trial's weights and moments with its own; for a retry they are the same values.
+        own = [{key: group[key] for key in ("initial_lr", "weight_decay", "betas")} for group in optimizer.param_groups]
         load_trained(adapter, resume.model)
         optimizer.load_state_dict(resume.optimizer)
         scheduler.load_state_dict(resume.scheduler)
+        for group, values in zip(optimizer.param_groups, own, strict=True):
+            group.update(values)
+            group["lr"] = values["initial_lr"] * learning_rate_factor(scheduler.last_epoch, warmup, total_steps)
+        scheduler.base_lrs = [values["initial_lr"] for values in own]
         state = resume
         logger.info("resuming at step %d of %d", state.step, total_steps)
     resumed_from = state.step
@@ -337,6 +342,14 @@ def _train(
         resumed_from_step=resumed_from,
         pretrain_loss_last=float(last_pretrain) if last_pretrain is not None else None,
     )
+
+
+def schedule_of(n_train: int, batch_size: int, settings: LoopSettings) -> tuple[int, int, set[int]]:
+    """Batches per epoch, optimizer steps in all, and the steps after which the loop evaluates
+    (the last one always), for ``n_train`` training examples in batches of ``batch_size``."""
+    batches_per_epoch = math.ceil(n_train / batch_size)
+    total_steps = max(1, int(round(settings.epochs * batches_per_epoch)))
+    return batches_per_epoch, total_steps, _evaluation_steps(total_steps, batches_per_epoch, settings)
 
 
 def batch_order_seed(settings: LoopSettings, epoch: int) -> int:

@@ -5,7 +5,9 @@ artifact store: the store is the study file's ``artifacts`` when it names one, e
 recorded on the study at launch. Every file's SHA-256 is checked against the one recorded
 when it was saved before anything is written to ``out``. Beside the checkpoint go
 ``params.json`` (the trial's hyperparameters) and ``metrics.json`` (its validation metrics,
-and with ``--evaluate`` its held-out test metrics).
+and with ``--evaluate`` its held-out test metrics). For a ``scheduler="pbt"`` sweep, also
+``schedule.json``: the segments its weights went through, oldest first, with each one's
+hyperparameters, steps and decision (``lineage.py``).
 
 ``--soup`` writes instead the weight soup of the kept trials (``soup.py``), with ``soup.json``.
 ``--seeds N`` first trains the chosen configuration again with N other seeds, as ordinary
@@ -29,7 +31,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper import __version__, budget, checkpoints, finalize, optuna_adapter, record, soup
+from sweeper import __version__, budget, checkpoints, finalize, lineage, optuna_adapter, record, soup
 from sweeper.errors import SweepError
 from sweeper.study import Sweep
 
@@ -91,11 +93,16 @@ def export(sweep: Sweep, study: optuna.Study, out: Path, trial_number: int | Non
         metrics["test"] = test
     (out / "params.json").write_text(json.dumps(trial.params, indent=1))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+    schedule = lineage.schedule(study.get_trials(deepcopy=False), trial) if lineage.segment(trial) else []
+    if schedule:
+        (out / "schedule.json").write_text(json.dumps(schedule, indent=1, default=str))
     line = f"trial {trial.number}: validation {sweep.metric} {trial.value:.4f}"
     if test is not None:
         line += f", held-out test {sweep.metric} {test[sweep.metric]:.4f}"
         if evaluate and stored:  # --evaluate asked for a score: say it was not computed again
             line += " (recorded on the study when it was first scored; not scored again)"
+    if schedule:
+        line += f"; its schedule of {len(schedule)} segments in schedule.json"
     return f"{line}; written to {out}/"
 
 

@@ -130,7 +130,7 @@ CHECKPOINT = Field[dict[str, Any]]("sweeper:checkpoint", "trial system",
                                    "objective, user_train", ("checkpoints", "status", "report", "best"),
                                    "the model checkpoint's artifacts (for machines: not in the dashboard's list)")
 RESUME = Field[dict[str, Any] | None]("sweeper:resume", "trial system", "{id, step[, sha256]} or None",
-                                      "checkpoints, user_train", ("checkpoints", "objective"), "the resume state; None once the trial ended")
+                                      "checkpoints, user_train", ("checkpoints", "objective", "pbt"), "the resume state; None once the trial ended")
 REPEAT = Field[dict[str, Any]]("repeats", "trial user", "{trial, seed, index}", "best (enqueue_trial), objective",
                                ("objective", "best", "array_structure"),
                                "a seed trial (`sweeper best --seeds`): the trial it repeats and the seed it trains with; "
@@ -141,9 +141,17 @@ PROMOTION = Field[list[dict[str, Any]]](
     "pruner=\"asha\": every rung decision, oldest first: promote (went on at once, or was resumed), pause "
     "(waiting again, with its resume state), prune (still paused when the sweep ended); status and report show "
     "them (for machines: several lines a trial)")
+PBT = Field[dict[str, Any]](
+    "sweeper:pbt", "trial system",
+    "{member, generation, parent, previous, start_step, start_evaluation, decision, rank?, of?, value?, explore?, "
+    "end?: {evaluation, value, step, evaluations}}", "pbt", ("worker", "lineage"),
+    "scheduler=\"pbt\": the segment of a member this trial is: the trial whose resume state it started from "
+    "(parent; the member's own previous segment, or the top member it exploited), at which step and evaluation, "
+    "and why (start, continue, exploit with its rank, and explore: each hyperparameter's from, to and factor or "
+    "resample); `end` once it ended. The chain of parents is the schedule of a model; a retry keeps it")
 
 RETRY_HISTORY = Field[list[int]]("retry_history", "trial system", "list[int]", "worker (RetryCallback)",
-                                 ("budget", "objective", "worker", "array_structure"),
+                                 ("budget", "objective", "worker", "array_structure", "pbt", "lineage"),
                                  "the trials a retry replaces, oldest first (Optuna's own key)")
 FAILED_TRIAL = Field[int]("failed_trial", "trial system", "int", "worker (RetryCallback)", ("status",),
                           "the first trial of a retry's lineage (Optuna's own key)")
@@ -167,7 +175,7 @@ BEST_TEST = Field[dict[str, Any]]("best_test", "study user", "{trial, metric, va
 CHECKPOINT_DELETED = Family[int]("checkpoint_deleted:", "study user", "int (k)", "checkpoints",
                                  ("checkpoints",),
                                  "keep-top-k removed this trial's checkpoint (checkpoint_deleted:<number>)")
-N_TRIALS = Field[int]("sweeper:n_trials", "study system", "int", "budget, best (--seeds)", ("status", "proxy", "cli", "launcher"),
+N_TRIALS = Field[int]("sweeper:n_trials", "study system", "int", "budget, best (--seeds)", ("status", "proxy", "cli", "launcher", "pbt"),
                       "the trial budget; marks a study as sweeper's")
 DEADLINE = Field[float | None]("sweeper:deadline", "study system", "float (epoch s) or None", "launcher", ("budget",),
                                "after this, no new trial starts (--timeout)")

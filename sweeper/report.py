@@ -14,6 +14,9 @@ Everything in it is read from the study, through the user attributes each trial 
 - the metric over λ (``pretrain_loss_weight``) and the unfreeze depth;
 - the time each trial spent training, evaluating and otherwise, its throughput, and the
   device-hours the sweep has spent (GPU-hours, or CPU-hours on a CPU);
+- for ``scheduler="pbt"``, the lineage: every segment's curve, coloured by member, and a
+  dashed link from the segment it started from (a member's own previous one, or the donor it
+  exploited) (``lineage.py``);
 - the best trial: its parameters, validation metrics and held-out test figure;
 - beside it, the weight soups and the seed trials' spread that ``sweeper best --soup`` and
   ``--seeds`` recorded on the study;
@@ -38,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper import __version__, promotion, record, status
+from sweeper import __version__, lineage, promotion, record, status
 from sweeper.errors import SweepError
 from sweeper.study import Sweep
 
@@ -120,6 +123,8 @@ def build(study: optuna.Study, sweep: Sweep) -> tuple[str, list[Section]]:
         _draw("timings", "Time per trial", lambda: _timings(trials)),
         _draw("gpu_hours", f"{summary['hours_unit']} spent", lambda: _gpu_hours(trials)),
     ]
+    if lineage.is_pbt(trials):
+        sections.insert(4, _draw("lineage", "Population-based training: the lineage", lambda: _lineage(trials, label)))
     best = next((t for t in trials if summary["best"] and t.number == summary["best"]["number"]), None)
     return _page(sweep, summary, sections, best, trials, plotly_js, _soups_html(study, sweep)), sections
 
@@ -187,6 +192,41 @@ def _intermediate(study: optuna.Study, trials: Sequence[FrozenTrial], label: str
     if not any(t.intermediate_values for t in trials):
         raise CannotDraw("no trial has reported an evaluation yet")
     fig = optuna.visualization.plot_intermediate_values(study)
+    fig.update_layout(xaxis_title="evaluation", yaxis_title=label)
+    return fig
+
+
+def _lineage(trials: Sequence[FrozenTrial], label: str) -> go.Figure:
+    """Each PBT segment's own evaluations, one colour per member, with a dashed link from the
+    point of the segment it started from: a jump between colours is an exploit."""
+    import plotly.graph_objects as go
+
+    segments = [t for t in trials if lineage.segment(t) is not None and t.state != TrialState.FAIL]
+    if not any(lineage.own_curve(t) for t in segments):
+        raise CannotDraw("no segment has reported an evaluation yet")
+    by_number = lineage.latest(trials)  # a failed parent's retry holds the state its children started from
+    members = sorted({int(lineage.segment(t)["member"]) for t in segments})  # type: ignore[index]
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+               "#bcbd22", "#17becf"]
+    colour = {m: palette[i % len(palette)] for i, m in enumerate(members)}
+    fig = go.Figure()
+    for t in segments:
+        seg = lineage.segment(t) or {}
+        curve = lineage.own_curve(t)
+        if not curve:
+            continue
+        hue = colour[int(seg["member"])]
+        name = f"member {seg['member']}"
+        text = f"trial {t.number}, member {seg['member']}, generation {seg.get('generation')}: {seg.get('decision')}"
+        fig.add_trace(go.Scatter(x=[k for k, _ in curve], y=[v for _, v in curve], mode="lines+markers",
+                                 line={"color": hue}, name=name, legendgroup=name,
+                                 showlegend=seg.get("generation") == 0, hovertext=text, hoverinfo="text+y"))
+        parent = by_number.get(int(seg["parent"])) if seg.get("parent") is not None else None
+        start = int(seg.get("start_evaluation") or 0)
+        if parent is not None and start in parent.intermediate_values:
+            fig.add_trace(go.Scatter(x=[start, curve[0][0]], y=[parent.intermediate_values[start], curve[0][1]],
+                                     mode="lines", line={"color": hue, "dash": "dash"}, showlegend=False,
+                                     legendgroup=name, hoverinfo="skip"))
     fig.update_layout(xaxis_title="evaluation", yaxis_title=label)
     return fig
 

@@ -5,6 +5,7 @@ processes on SQLite and PostgreSQL (``sweeper/pbt.py``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -394,6 +395,27 @@ def test_budget_is_exact_with_real_workers_and_every_later_segment_has_a_parent(
     url = request.getfixturevalue("pg_url") if backend == "postgresql" else None
     study = _sweep(tmp_path, url, workers=2)
     _assert_exact(study, tmp_path)
+    if backend == "sqlite":
+        _assert_best_and_report(study, tmp_path)
+
+
+def _assert_best_and_report(study: optuna.Study, folder: Path) -> None:
+    """``sweeper best`` writes the best segment's schedule, its lineage followed back to a
+    first segment; ``sweeper report`` draws the lineage."""
+    out = folder / "best"
+    result = run_cli("best", str(folder / "pbt.py"), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    schedule = json.loads((out / "schedule.json").read_text())
+    best = study.best_trial
+    assert schedule[-1]["trial"] == best.number and schedule[0]["decision"] == "start"
+    assert [s["generation"] for s in schedule] == list(range(len(schedule)))
+    for earlier, later in zip(schedule, schedule[1:]):
+        assert later["parent"] == earlier["trial"] and later["start_step"] == earlier["end_step"]
+    assert schedule[-1]["params"] == best.params
+    page = folder / "report.html"
+    result = run_cli("report", str(folder / "pbt.py"), "--out", str(page))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'id="plot-lineage"' in page.read_text()
 
 
 # --------------------------------------------------------------------------- kill -9 during an exploit

@@ -9,6 +9,7 @@
 #   bash bench/gpu_session.sh full-train          # the sweep on all of SST-2 train, 300 s; ~7 min
 #   bash bench/gpu_session.sh check               # the wheels install, the GPU answers, 6 workers start; ~2 min
 #   bash bench/gpu_session.sh arrays              # trial arrays against sequential, Trainer and packing; ~8 min
+#   bash bench/gpu_session.sh schedulers          # random/TPE + Hyperband, promotion, PBT, 90 s each; ~8 min
 #
 # Run from the project root on the GPU machine, with .gpu carried (../shared/gpu/prep.sh made
 # it here). Each script's figures go to $OUT as JSON beside the whole log; a step whose
@@ -86,8 +87,14 @@ main() {
             step arrays-contenders 4 python3 bench/arrays.py --device cuda --models minilm --k 16 \
                 --contenders-only --trainer --packing 8 --json "$out/arrays_contenders.json"
             ;;
+        schedulers)
+            # Issue 16: MiniLM-L6 on 8,000 SST-2 sentences, 4 workers on the GPU, 90 s each for
+            # random search and TPE with Hyperband, promotion and PBT. Ray Tune is not on the GPU
+            # machine (nor can it be installed there), so its two contenders say so and are skipped.
+            step schedulers 8 python3 bench/schedulers.py --device cuda --json "$out/schedulers.json"
+            ;;
         *)
-            echo "usage: bash bench/gpu_session.sh speed | quality-baseline | quality-sweep FILE | full-train | check | arrays"
+            echo "usage: bash bench/gpu_session.sh speed | quality-baseline | quality-sweep FILE | full-train | check | arrays | schedulers"
             exit 2
             ;;
     esac

@@ -167,7 +167,7 @@ def prepare_study(sweep: Sweep, options: LaunchOptions) -> optuna.Study:
     n_trials = options.n_trials or sweep.n_trials
     first, _ = space_mod.first_trial_params(sweep.space, sweep.first_trials)  # checked when the study loaded
     # scheduler="pbt": the first segment of each member now; each later one as the one before it ends.
-    queue = min(n_trials, sweep.population) if sweep.scheduler == "pbt" else None
+    queue = pbt_population(study, sweep, options, n_trials) if sweep.scheduler == "pbt" else None
     added = budget.ensure_tickets(study, n_trials, first, queue=queue)
     n_trials = record.N_TRIALS.get(study) or n_trials  # the budget in effect: it never shrinks
     timeout = options.timeout or sweep.timeout
@@ -176,6 +176,26 @@ def prepare_study(sweep: Sweep, options: LaunchOptions) -> optuna.Study:
     record.GPU_SECONDS_BUDGET.set(study, gpu_hours * 3600 if gpu_hours else None)
     logger.info("study %r: budget %d trials (%d new tickets)", sweep.name, n_trials, added)
     return study
+
+
+def pbt_population(study: optuna.Study, sweep: Sweep, options: LaunchOptions, n_trials: int) -> int:
+    """The members of a PBT sweep: the ones its first launch started, so that a relaunch with
+    more or fewer workers goes on with the same population; at the first launch, `population`,
+    or else one member per worker slot (issue 16)."""
+    recorded = record.POPULATION.get(study)
+    if recorded is not None:
+        return int(recorded)
+    if sweep.population is not None:
+        population, source = sweep.population, "`population`"
+    else:
+        population = len(plan_slots(options))
+        source = f"the population (one member per worker slot, --workers {population})"
+    problems = sweep.pbt_budget_problems(population, source, n_trials)
+    if problems:
+        raise SweepError(problems[0])
+    record.POPULATION.set(study, population)
+    logger.info("scheduler pbt: a population of %d members", population)
+    return population
 
 
 class Launcher:

@@ -177,6 +177,8 @@ CHECKPOINT_DELETED = Family[int]("checkpoint_deleted:", "study user", "int (k)",
                                  "keep-top-k removed this trial's checkpoint (checkpoint_deleted:<number>)")
 N_TRIALS = Field[int]("sweeper:n_trials", "study system", "int", "budget, best (--seeds)", ("status", "proxy", "cli", "launcher", "pbt"),
                       "the trial budget; marks a study as sweeper's")
+POPULATION = Field[int]("sweeper:population", "study system", "int", "launcher", ("launcher",),
+                        "scheduler=\"pbt\": the members, fixed by the first launch (`population`, or its worker slots)")
 DEADLINE = Field[float | None]("sweeper:deadline", "study system", "float (epoch s) or None", "launcher", ("budget",),
                                "after this, no new trial starts (--timeout)")
 GPU_SECONDS_BUDGET = Field[float | None]("sweeper:gpu_seconds_budget", "study system", "float (s) or None", "launcher",

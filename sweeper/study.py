@@ -83,9 +83,10 @@ class Sweep:
         "none", "\"pbt\": population-based training (sweeper/pbt.py): each trial is one segment of a member; at its "
         "end the bottom `quantile` goes on from a top member's weights and optimizer state, perturbed; nothing is "
         "pruned", OneOf(SCHEDULERS))
-    population: int = setting(4, "scheduler=\"pbt\": members trained side by side, started by the first trials of "
-                              "the budget (typically the number of workers, or a small multiple)",
-                              Range(1, 10_000, whole=True, unit="members"))
+    population: int | None = setting(
+        None, "scheduler=\"pbt\": members trained side by side, started by the first trials of the budget "
+        "(typically the number of workers, or a small multiple); the first launch records it",
+        Range(1, 10_000, whole=True, unit="members", none="one member per worker slot of the first launch"))
     perturbation_interval: int = setting(1, "scheduler=\"pbt\": evaluations in one segment; a member is ranked "
                                          "after each (typically 1..4)", Range(1, 1000, whole=True, unit="evaluations"))
     quantile: float = setting(0.25, "scheduler=\"pbt\": the share of the members ranked at an evaluation that "
@@ -240,20 +241,30 @@ class Sweep:
         if self.pruner == "asha":
             p.append("`scheduler` is 'pbt' and `pruner` is 'asha': a rung would pause a member in the middle of a "
                      "segment; use pruner=\"none\" (PBT prunes nothing: it exploits)")
-        if not (_whole(self.population) and _whole(self.n_trials) and _whole(self.perturbation_interval)
-                and self.perturbation_interval > 0 and self.population > 0):
-            return p  # their own rules report them
-        if self.population > self.n_trials:
-            p.append(f"`population` is {self.population} but `n_trials` is {self.n_trials}: the first segment of "
-                     f"every member is a trial of the budget; raise n_trials to population × segments per member")
-        elif self.max_evaluations and isinstance(self.epochs, (int, float)) and not self.eval_every_steps:
-            segments = -(-self.max_evaluations // self.perturbation_interval)
-            if self.n_trials > self.population * segments:
-                p.append(f"`n_trials` is {self.n_trials}, but {self.population} members of {segments} segments each "
-                         f"({self.max_evaluations} evaluations, perturbation_interval {self.perturbation_interval}) "
-                         f"train {self.population * segments} trials in all: set n_trials={self.population * segments} "
-                         "or fewer")
+        if self.population is not None:
+            p.extend(self.pbt_budget_problems(self.population, "`population`"))
         return p
+
+    def pbt_budget_problems(self, population: Any, source: str, n_trials: Any = None) -> list[str]:
+        """Whether ``population`` members fit the budget: each starts with one trial, and none
+        trains more than ⌈max_evaluations / perturbation_interval⌉ segments. ``source`` names
+        where the population came from, for the message (the setting, or the worker slots);
+        ``n_trials``, the budget a launch sets when it is not the study's (``--n-trials``)."""
+        n_trials = self.n_trials if n_trials is None else n_trials
+        if not (_whole(population) and _whole(n_trials) and _whole(self.perturbation_interval)
+                and self.perturbation_interval > 0 and population > 0):
+            return []  # their own rules report them
+        if population > n_trials:
+            return [f"{source} is {population} but `n_trials` is {n_trials}: the first segment of every "
+                    "member is a trial of the budget; raise n_trials to population × segments per member"]
+        if self.max_evaluations and isinstance(self.epochs, (int, float)) and not self.eval_every_steps:
+            segments = -(-self.max_evaluations // self.perturbation_interval)
+            if n_trials > population * segments:
+                return [f"`n_trials` is {n_trials}, but {population} members of {segments} segments each "
+                        f"({self.max_evaluations} evaluations, perturbation_interval {self.perturbation_interval}) "
+                        f"train {population * segments} trials in all: set n_trials={population * segments} "
+                        f"or fewer ({source} is {population})"]
+        return []
 
     def _array_problems(self) -> list[str]:
         """What trial arrays cannot train yet (``finetune/arrays.py``)."""

@@ -21,7 +21,7 @@ import torch
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper import budget, checkpoints, optuna_adapter, pbt, record
+from sweeper import budget, checkpoints, launcher, optuna_adapter, pbt, record
 from sweeper import space as space_mod
 from sweeper.errors import ConfigError, SweepError
 from sweeper.objective import Objective
@@ -217,6 +217,31 @@ def test_pbt_with_a_study_of_its_own_train_function_is_one_line_and_exit_2(tmp_p
     assert "Traceback" not in result.stderr
 
 
+def test_the_population_defaults_to_the_worker_slots_of_the_first_launch(tmp_path: Path) -> None:
+    """Without `population`, the first launch starts one member per worker slot and records
+    it; a relaunch with more workers goes on with the same members, adding none."""
+    path = write_study(tmp_path, PBT_STUDY.replace("NAME", "slots").replace("EVALS", "2").replace("N_TRIALS", "6")
+                       .replace("population=POPULATION", "population=None").replace("FIRST", "[]"))
+    sweep = load_sweep(str(path), [])
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = launcher.prepare_study(sweep, launcher.LaunchOptions(str(path), [], url, workers=3))
+    assert record.POPULATION.get(study) == 3
+    waiting = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.WAITING]
+    assert len(waiting) == 3, "the first segment of each of the 3 members, no more"
+    again = launcher.prepare_study(sweep, launcher.LaunchOptions(str(path), [], url, workers=5))
+    assert record.POPULATION.get(again) == 3 and len(again.get_trials(deepcopy=False)) == 3
+    # More slots than the budget has trials: one line, exit 2, before a ticket is added.
+    folder = tmp_path / "more"
+    folder.mkdir()
+    too_many = write_study(folder, PBT_STUDY.replace("NAME", "more").replace("EVALS", "2").replace("N_TRIALS", "4")
+                           .replace("population=POPULATION", "population=None").replace("FIRST", "[]"))
+    result = run_cli("launch", str(too_many), "--workers", "5")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert ("the population (one member per worker slot, --workers 5) is 5 but `n_trials` is 4"
+            in result.stderr), result.stderr
+    assert "Traceback" not in result.stderr
+
+
 # --------------------------------------------------------------------------- real segments, one process
 
 
@@ -225,7 +250,7 @@ def _objective(path: Path, url: str, overrides: list[str] | None = None) -> tupl
     storage = open_storage(url, heartbeat_interval=None, grace_period=None)
     study = optuna.create_study(study_name=sweep.name, storage=storage, direction=record.direction_of(sweep.direction))
     first, _ = space_mod.first_trial_params(sweep.space, sweep.first_trials)
-    queue = sweep.population if sweep.scheduler == "pbt" else None
+    queue = sweep.population if sweep.scheduler == "pbt" else None  # these studies set it
     budget.ensure_tickets(study, sweep.n_trials, first, queue=queue)
     return study, Objective(sweep, study, WorkerInfo(0), checkpoints.open_store(None, sweep.output_path))
 

@@ -18,11 +18,12 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, run_cli, write_study
+from tests.helpers import ROOT, write_study
 
 PASSWORDS = {"file": "filePw4Study", "env": "envPw4Storage", "set": "setPw4Override", "flag": "flagPw4Storage"}
 
@@ -100,6 +101,25 @@ def _launch(args: list[str], env: dict[str, str]) -> tuple[str, set[str]]:
     return output, watch.seen
 
 
+def _run_at_once(*commands: list[str]) -> list[subprocess.CompletedProcess[str]]:
+    """Several `sweeper` commands that only read the finished sweeps, run side by side (each
+    spends most of its time importing), with run_cli's environment."""
+    env = {k: v for k, v in os.environ.items() if k != "SWEEPER_STORAGE"}
+    started = [subprocess.Popen([sys.executable, "-m", "sweeper", *args], cwd=ROOT, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for args in commands]
+    done = []
+    try:
+        for args, process in zip(commands, started):
+            out, err = process.communicate(timeout=240)
+            done.append(subprocess.CompletedProcess(args, process.returncode, out, err))
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    return done
+
+
 def _found(text: str) -> list[str]:
     return [name for name, password in PASSWORDS.items() if password in text]
 
@@ -172,10 +192,16 @@ def test_no_password_reaches_attributes_artifacts_logs_titles_or_the_dashboard(t
     assert "***" in out_one and "***" in out_two  # the launch line names the storage, masked
 
     flag_url = _with_userinfo(pg_url, PASSWORDS["flag"])
-    status = run_cli("status", str(study_one), "--storage", flag_url)
-    best = run_cli("best", str(study_one), "--storage", flag_url, "--out", str(tmp_path / "best"))
-    bad = run_cli("status", str(study_one), "--storage",  # an error that quotes the URL
-                  _with_userinfo(pg_url.rsplit("/", 1)[0] + "/no_such_database", PASSWORDS["flag"]))
+    # The readers run on a thread while the dashboard, which sets a signal handler, runs here.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        readers = pool.submit(
+            _run_at_once,
+            ["status", str(study_one), "--storage", flag_url],
+            ["best", str(study_one), "--storage", flag_url, "--out", str(tmp_path / "best")],
+            ["status", str(study_one), "--storage",  # an error that quotes the URL
+             _with_userinfo(pg_url.rsplit("/", 1)[0] + "/no_such_database", PASSWORDS["flag"])])
+        dashboard = _dashboard_responses(study_one, flag_url)
+        status, best, bad = readers.result()
     assert status.returncode == 0 and best.returncode == 0, status.stderr + best.stderr
     assert bad.returncode == 2 and "no_such_database" in bad.stderr, bad.stderr
 
@@ -186,7 +212,7 @@ def test_no_password_reaches_attributes_artifacts_logs_titles_or_the_dashboard(t
             _files_with_passwords(tmp_path, (study_one, study_two)),
         "status, best and an error": _found(status.stdout + status.stderr + best.stdout + best.stderr + bad.stderr),
         "the database (every attribute)": _found(_dump(pg_url)),
-        "the dashboard": _found(_dashboard_responses(study_one, flag_url)),
+        "the dashboard": _found(dashboard),
     }
     assert not any(leaks.values()), {where: found for where, found in leaks.items() if found}
     # And the searches above could find one: the study file itself holds its password.

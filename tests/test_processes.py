@@ -36,16 +36,29 @@ def test_workers_forked_from_the_template_compute_what_fresh_interpreters_comput
     """The same sweep twice: with workers forked from the template, and with a template that
     touched CUDA, whose workers therefore start as fresh interpreters (exec, as
     SWEEPER_WORKER_START=fresh would start them). One worker, so that the sampler sees the
-    trials in the same order both times."""
-    records, logs = {}, {}
+    trials in the same order both times. The two sweeps are apart (folders, storages) and run
+    at once: the test's time is one launch's, not two."""
+    records, logs, launches = {}, {}, {}
     for case, env in (("forked", {}), ("fresh", {processes.ENV_PRELOAD: "tests.template_probes.touches_cuda"})):
         folder = tmp_path / case
         folder.mkdir()
         study = write_study(folder, TINY_STUDY)
-        result = run_cli("launch", str(study), "--workers", "1", "--set", "n_trials=3", env=env)
-        assert result.returncode == 0, result.stderr[-3000:]
-        records[case] = _trial_record(f"sqlite:///{folder / 'out' / 'study.db'}")
-        logs[case] = (folder / "out" / "logs" / "worker-0.log").read_text()
+        launches[case] = subprocess.Popen(
+            [sys.executable, "-m", "sweeper", "launch", str(study), "--workers", "1", "--set", "n_trials=3"],
+            cwd=ROOT, env={k: v for k, v in os.environ.items() if k != "SWEEPER_STORAGE"} | env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for case, launch in launches.items():
+            _, err = launch.communicate(timeout=240)
+            assert launch.returncode == 0, err[-3000:]
+            folder = tmp_path / case
+            records[case] = _trial_record(f"sqlite:///{folder / 'out' / 'study.db'}")
+            logs[case] = (folder / "out" / "logs" / "worker-0.log").read_text()
+    finally:  # a failed first launch leaves no second one running
+        for launch in launches.values():
+            if launch.poll() is None:
+                launch.kill()
+                launch.communicate()
     assert records["forked"] == records["fresh"]
     assert len(records["forked"]) == 3 and all(state != "FAIL" for _, state, _, _ in records["forked"])
     for log in logs.values():  # the worker's own lines went to its log

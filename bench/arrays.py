@@ -81,7 +81,7 @@ def tiny(args: argparse.Namespace, cache: Path) -> Setup:
     import torch
 
     from sweeper.finetune.data import SyntheticText, prepare
-    from sweeper.finetune.models import TinyTextClassifier
+    from sweeper.finetune.model_specs import TinyTextClassifier
 
     spec = TinyTextClassifier(layers=2, hidden=64, heads=2)
     data = prepare(SyntheticText(n_train=args.tiny_samples, n_test=200), cache, 0, spec.tokenizer(cache), "tiny")
@@ -99,7 +99,7 @@ def minilm(args: argparse.Namespace, cache: Path) -> Setup:
     from transformers import AutoTokenizer
 
     from sweeper.finetune.data import PreparedData
-    from sweeper.finetune.models import TextClassifier
+    from sweeper.finetune.model_specs import TextClassifier
 
     tokenizer = AutoTokenizer.from_pretrained(str(common.minilm()))
     rows = common.read_sst2("train", args.samples, seed=0)

@@ -43,7 +43,7 @@ def main() -> None:
     from sweeper.finetune import prefix
     from sweeper.finetune.data import PreparedData
     from sweeper.finetune.loop import Hyper, LoopSettings, train
-    from sweeper.finetune.models import TextClassifier
+    from sweeper.finetune.model_specs import TextClassifier
 
     gpu = device == "cuda"
     hidden = args.hidden or (768 if gpu else 128)

@@ -60,7 +60,7 @@ def sweeper_worker(queue: Any, results: Any, ready: Any, go: Any, device: str, s
 
     from sweeper.finetune.data import PreparedData
     from sweeper.finetune.loop import Hyper, LoopSettings, train
-    from sweeper.finetune.models import TextClassifier
+    from sweeper.finetune.model_specs import TextClassifier
 
     torch.set_num_threads(threads)
     train_rows, eval_rows = _data(samples, eval_samples)

@@ -44,7 +44,7 @@ def main() -> None:
 
     from sweeper.finetune.data import PreparedData, _carve
     from sweeper.finetune.loop import Hooks, Hyper, LoopSettings, train
-    from sweeper.finetune.models import TextClassifier
+    from sweeper.finetune.model_specs import TextClassifier
 
     rows = common.read_sst2("train", args.samples, seed=0)
     keep, _held_out = _carve(len(rows), 0.05, 0)  # what a study trains on: its validation split stays out

@@ -49,7 +49,7 @@ def sweeper_trial(model: Path, train_rows: list, eval_rows: list, device: str, b
     from sweeper.finetune import prefix
     from sweeper.finetune.data import PreparedData
     from sweeper.finetune.loop import Hyper, LoopSettings, train
-    from sweeper.finetune.models import TextClassifier
+    from sweeper.finetune.model_specs import TextClassifier
 
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     train_split = common.text_split(tokenizer, train_rows)

@@ -69,7 +69,7 @@ def main() -> None:
     from sweeper.finetune import phrases, prefix
     from sweeper.finetune.data import PreparedData, _carve
     from sweeper.finetune.loop import Hyper, LoopSettings, evaluate, train
-    from sweeper.finetune.models import TextClassifier
+    from sweeper.finetune.model_specs import TextClassifier
 
     gpu = device == "cuda"
     piece = treebank_piece(common.read_sst2("train"), args.sentences or (3000 if gpu else 1200), args.seed)

@@ -42,15 +42,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
-import torch
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper import optuna_adapter, record
 from sweeper.errors import SweepError
-from sweeper.finetune.loop import TrainState
 
 if TYPE_CHECKING:
+    import torch
+
+    from sweeper.finetune.loop import TrainState
     from sweeper.study import Sweep
 
 logger = logging.getLogger(__name__)
@@ -268,6 +269,7 @@ def remove_model(store: Any, trial: FrozenTrial) -> bool:
 
 def save_resume(store: Any, trial: optuna.Trial, state: TrainState) -> None:
     """Write ``state`` as the trial's resume point, then delete the one it replaces."""
+    import torch  # here, not with the module: `status` and the dashboard read checkpoints' records only
     from safetensors.torch import save
 
     tensors: dict[str, torch.Tensor] = {}
@@ -304,6 +306,8 @@ def save_resume(store: Any, trial: optuna.Trial, state: TrainState) -> None:
 
 def load_resume(store: Any, artifact_id: str) -> TrainState:
     from safetensors.torch import load
+
+    from sweeper.finetune.loop import TrainState
 
     with store.open_reader(artifact_id) as reader:
         blob = reader.read()
@@ -382,6 +386,8 @@ def remove_quietly(store: Any, artifact_id: str) -> bool:
 
 
 def _json_default(value: Any) -> Any:
+    import torch
+
     if isinstance(value, torch.Tensor):
         return value.item() if value.numel() == 1 else value.tolist()
     if isinstance(value, tuple):

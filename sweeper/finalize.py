@@ -12,15 +12,17 @@ import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
-import torch
 
 from sweeper import checkpoints, record, space
 from sweeper.errors import SweepError
 from sweeper.storage import open_storage
 from sweeper.study import Sweep
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,8 @@ def evaluate_on_test(sweep: Sweep, store: Any, trial: optuna.trial.FrozenTrial,
 
 def evaluate_folder(sweep: Sweep, folder: Path, device: torch.device | None = None) -> dict[str, float]:
     """Every metric of the checkpoint in ``folder`` on the study's held-out test split."""
+    import torch  # here: the launcher needs PyTorch only for this last evaluation
+
     from sweeper.finetune.data import prepare
     from sweeper.finetune.loop import evaluate
     from sweeper.finetune.models import from_checkpoint

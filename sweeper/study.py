@@ -26,10 +26,10 @@ from typing import Any
 
 from sweeper import space as space_mod
 from sweeper.errors import ConfigError, SweepError
-from sweeper.finetune import losses, metrics, rules
+from sweeper.finetune import metrics, rules
 from sweeper.finetune.data import DataSpec
-from sweeper.finetune.loop import HYPERPARAMETERS, Hyper
-from sweeper.finetune.models import ModelSpec
+from sweeper.finetune.hyper import ARRAY_PRETRAIN_LOSSES, HYPERPARAMETERS, PRETRAIN_LOSSES, Hyper
+from sweeper.finetune.model_specs import ModelSpec
 from sweeper.finetune.rules import Check, Flag, Kinds, OneOf, Range, about, setting
 
 PRUNERS = ("median", "hyperband", "successive_halving", "asha", "none")  # asha: promotion.py
@@ -59,7 +59,7 @@ class Sweep:
     space: dict[str, Any] = field(default_factory=dict, metadata=about(
         "hyperparameter -> distribution or constant (`sweeper/space.py`; the hyperparameters are listed below)"))
     pretrain_loss: str = setting("none", "L_pretrain, the term that keeps the model near its pretrained weights",
-                                 OneOf(losses.PRETRAIN_LOSSES))
+                                 OneOf(PRETRAIN_LOSSES))
     epochs: float = setting(3, "passes over the training split per trial", Range(0, 1000, above=True, unit="passes"))
     evals_per_epoch: int = setting(1, "validation evaluations (pruning points) per epoch", Range(1, 1000, whole=True))
     eval_every_steps: int | None = setting(
@@ -270,8 +270,6 @@ class Sweep:
         """What trial arrays cannot train yet (``finetune/arrays.py``)."""
         if not _whole(self.array_size) or self.array_size <= 1:
             return []
-        from sweeper.finetune.arrays import ARRAY_PRETRAIN_LOSSES
-
         p = []
         if self.pretrain_loss not in ARRAY_PRETRAIN_LOSSES:
             p.append(f"`array_size` is {self.array_size}, but trial arrays train with pretrain_loss "

@@ -25,7 +25,8 @@ import torch
 from sweeper import checkpoints, record
 from sweeper.errors import SweepError
 from sweeper.finetune.loop import TrainState
-from sweeper.finetune.models import TinyTextClassifier, from_checkpoint
+from sweeper.finetune.model_specs import TinyTextClassifier
+from sweeper.finetune.models import from_checkpoint
 from tests.helpers import ROOT, TINY_STUDY, run_cli, write_study
 
 # One xdist worker runs this file's tests, so its module- and session-wide fixtures are built once.

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from sweeper import best, budget, checkpoints, cli, record, report, soup
 from sweeper.finetune.loop import evaluate
-from sweeper.finetune.models import TextAdapter, TinyTextClassifier
+from sweeper.finetune.model_specs import TinyTextClassifier
+from sweeper.finetune.models import TextAdapter
 from sweeper.objective import prepare_data
 from sweeper.study import load as load_sweep
 from tests.helpers import TINY_STUDY, run_cli, write_study
@@ -244,7 +245,7 @@ def test_seeds_below_two_are_refused_in_one_line(swept: dict[str, Any], tmp_path
 def _resnet_members(touched: str) -> tuple[Any, soup.State, list[soup.State]]:
     """A ResNet-18 adapter, its weights, and two "trials" of it whose parameters and BatchNorm
     statistics moved apart under the names starting with ``touched`` (as training moves them)."""
-    from sweeper.finetune.models import ImageClassifier
+    from sweeper.finetune.model_specs import ImageClassifier
 
     adapter = ImageClassifier(arch="resnet18", weights="none").build(3, Path("."))
     base = {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}

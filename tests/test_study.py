@@ -7,7 +7,7 @@ import pytest
 from sweeper import study as study_mod
 from sweeper.errors import ConfigError, SweepError
 from sweeper.finetune.data import TextData
-from sweeper.finetune.models import TextClassifier
+from sweeper.finetune.model_specs import TextClassifier
 from sweeper.space import LogFloat
 from tests.helpers import MINILM, ROOT, SST2, TINY_STUDY, write_study
 

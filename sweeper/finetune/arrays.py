@@ -50,12 +50,12 @@ from sweeper.errors import SweepError
 from sweeper.finetune import array_layers, array_resnet, freeze, loop, metrics, prefix
 from sweeper.finetune.array_weights import StackedWeights
 from sweeper.finetune.data import PreparedData, evaluation_batches, training_batches
+from sweeper.finetune.hyper import ARRAY_PRETRAIN_LOSSES
 from sweeper.finetune.loop import Hooks, Hyper, LoopResult, LoopSettings, NonFiniteLoss, Preempted, TrainState
 from sweeper.finetune.models import ModelAdapter
 
 logger = logging.getLogger(__name__)
 
-ARRAY_PRETRAIN_LOSSES = ("none", "l2sp")
 
 
 @dataclass(frozen=True)

@@ -51,8 +51,6 @@ from torch import nn
 from sweeper.finetune import freeze
 from sweeper.finetune.models import ModelAdapter
 
-PRETRAIN_LOSSES = ("none", "l2sp", "distill", "mlm")
-
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     # fp32 at least (bf16 logits under autocast are widened); fp64 stays fp64 (exactness tests).

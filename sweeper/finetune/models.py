@@ -13,30 +13,25 @@ training loop never look inside a particular architecture:
 Running ``embed``, all blocks and ``head`` is exactly the wrapped model's own forward pass
 (tests check it), which is what lets the training loop compute the frozen bottom once.
 
-Specs (what a study file names): :class:`TextClassifier` (Hugging Face BERT-family encoders),
-:class:`ImageClassifier` (torchvision ResNets) and :class:`TinyTextClassifier` (a small random
-BERT built on the spot, for the quickstart and tests).
+What a study file names (``TextClassifier``, ``ImageClassifier``, ``TinyTextClassifier``) is
+in ``model_specs.py``, which needs no PyTorch; this module builds and loads the models those
+specs describe.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import hashlib
 import json
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 import torch
-from filelock import FileLock
 from torch import nn
 
-from sweeper.errors import SweepError
-from sweeper.finetune import rules
+from sweeper.errors import ModelNotLoaded, SweepError
 
 logger = logging.getLogger(__name__)
 
@@ -257,235 +252,61 @@ class ResNetAdapter(ModelAdapter):
         (folder / "config.json").write_text(json.dumps(config, indent=1))
 
 
-# --------------------------------------------------------------------------- specs
-
-# Residual blocks per torchvision ResNet: the sum of its four stages' block counts.
-RESNET_BLOCKS = {"resnet18": 8, "resnet34": 16, "resnet50": 16, "resnet101": 33, "resnet152": 50}
-RESNETS = tuple(RESNET_BLOCKS)
+# --------------------------------------------------------------------------- building
 
 
-class BaseModelSpec:
-    """What a study's ``model`` answers; each kind of model is one subclass (and one member
-    of :data:`ModelSpec`), and nothing outside it asks which kind it is.
+def text_adapter(path: str, num_labels: int, dropout: float | None = None,
+                 label_names: Sequence[str] = ()) -> TextAdapter:
+    """The pretrained encoder at ``path`` with a new head of ``num_labels`` (``TextClassifier.build``)."""
+    from transformers import AutoModelForSequenceClassification
 
-    Its settings are dataclass fields declared with :func:`rules.setting`, which
-    :meth:`check` reads.
-    """
-
-    kind: ClassVar[str]  # "text" or "image": the kind of data it pairs with
-
-    @property
-    def path(self) -> str:
-        """What the model is loaded from, as messages and the CLI show it."""
-        raise NotImplementedError
-
-    def check(self) -> list[str]:
-        """Every problem of the settings, without loading anything."""
-        return rules.problems(self, prefix="model.")
-
-    def identity(self) -> str:
-        """A name for cache keys that changes when the model does."""
-        return self.path
-
-    def num_blocks(self, cache_dir: Path) -> int:
-        """Blocks of the model, without loading its weights."""
-        raise NotImplementedError
-
-    def tokenizer(self, cache_dir: Path) -> Any:
-        """The tokenizer its data is prepared with; None for a model that reads no text."""
-        return None
-
-    def build(self, num_labels: int, cache_dir: Path, dropout: float | None = None,
-              label_names: Sequence[str] = ()) -> ModelAdapter:
-        """The pretrained model with a new head of ``num_labels``, as an adapter; the saved
-        model names its classes ``label_names`` (where there is one per class)."""
-        raise NotImplementedError
-
-    def has_lm_head(self, cache_dir: Path) -> bool:
-        """Whether the checkpoint has the masked-LM head ``pretrain_loss='mlm'`` needs."""
-        return False
-
-    def with_path(self, text: str) -> ModelSpec:
-        """The model ``--set model=TEXT`` names instead of this one."""
-        raise NotImplementedError
+    config, state = pretrained_text_weights(path)
+    config = copy.deepcopy(config)
+    config.num_labels = num_labels
+    # A pipeline on the exported model answers with these names instead of LABEL_k (issue 18.2).
+    names = _class_names(num_labels, label_names)
+    config.id2label = dict(enumerate(names))
+    config.label2id = {name: k for k, name in enumerate(names)}
+    config.problem_type = "single_label_classification"
+    if dropout is not None:
+        config.hidden_dropout_prob = dropout
+        config.attention_probs_dropout_prob = dropout
+    model = AutoModelForSequenceClassification.from_config(config)
+    missing, _ = model.base_model.load_state_dict(state, strict=False)
+    if any(not k.startswith("pooler.") for k in missing):
+        raise SweepError(f"the weights in {path!r} do not fit its config: missing {missing[:3]}")
+    return TextAdapter(model)
 
 
-@dataclass
-class TextClassifier(BaseModelSpec):
-    """A BERT-family encoder from the Hugging Face hub or a local folder, with a new head."""
-
-    path: str = rules.setting("bert-base-uncased", "a hub name or a local model folder (config.json, weights)")
-
-    kind = "text"
-
-    def identity(self) -> str:
-        return _folder_identity(self.path)
-
-    def num_blocks(self, cache_dir: Path) -> int:
-        """Blocks of the model, read from its config alone (no weights are loaded)."""
-        from transformers import AutoConfig
-
-        try:
-            config = AutoConfig.from_pretrained(self.path)
-        except (OSError, ValueError) as exc:
-            raise _load_error(self.path, exc) from None
-        return int(config.num_hidden_layers)
-
-    def tokenizer(self, cache_dir: Path) -> Any:
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(self.path)
-        except (OSError, ValueError) as exc:
-            raise _load_error(self.path, exc) from None
-
-    def build(self, num_labels: int, cache_dir: Path, dropout: float | None = None,
-              label_names: Sequence[str] = ()) -> TextAdapter:
-        from transformers import AutoModelForSequenceClassification
-
-        config, state = _pretrained_text_weights(self.path)
-        config = copy.deepcopy(config)
-        config.num_labels = num_labels
-        # A pipeline on the exported model answers with these names instead of LABEL_k (issue 18.2).
-        names = _class_names(num_labels, label_names)
-        config.id2label = dict(enumerate(names))
-        config.label2id = {name: k for k, name in enumerate(names)}
-        config.problem_type = "single_label_classification"
-        if dropout is not None:
-            config.hidden_dropout_prob = dropout
-            config.attention_probs_dropout_prob = dropout
-        model = AutoModelForSequenceClassification.from_config(config)
-        missing, _ = model.base_model.load_state_dict(state, strict=False)
-        if any(not k.startswith("pooler.") for k in missing):
-            raise SweepError(f"the weights in {self.path!r} do not fit its config: missing {missing[:3]}")
-        return TextAdapter(model)
-
-    def pretrained_lm_head(self, cache_dir: Path) -> nn.Module:
-        """The frozen masked-LM head of the checkpoint, for ``pretrain_loss='mlm'``."""
-        return _masked_lm_head(self.path)
-
-    def has_lm_head(self, cache_dir: Path) -> bool:
-        return _checkpoint_has_lm_head(self.path)
-
-    def with_path(self, text: str) -> ModelSpec:
-        return TextClassifier(path=text)
+def resnet_adapter(arch: str, weights: str, num_labels: int, label_names: Sequence[str] = ()) -> ResNetAdapter:
+    """A torchvision ResNet with a new final layer (``ImageClassifier.build``)."""
+    model = load_resnet(arch, weights)
+    model.fc = nn.Linear(model.fc.in_features, num_labels)
+    return ResNetAdapter(model, arch, _class_names(num_labels, label_names))
 
 
-@dataclass
-class TinyTextClassifier(BaseModelSpec):
-    """A small random BERT (with a masked-LM head) built on the spot and saved once.
+def write_tiny_bert(folder: Path, layers: int, hidden: int, heads: int, seed: int) -> None:
+    """Save a random BERT with a masked-LM head, and its tokenizer, into ``folder``
+    (``TinyTextClassifier.materialise``, which holds the folder's lock)."""
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast  # type: ignore[attr-defined]
 
-    It stands in for a pretrained encoder where nothing may be downloaded: the quickstart,
-    tests and CPU benchmarks. Its vocabulary is that of :class:`~sweeper.finetune.data.SyntheticText`.
-    """
+    quiet_transformers()
+    folder.mkdir(parents=True, exist_ok=True)
+    from sweeper.finetune.data import synthetic_vocabulary
 
-    layers: int = rules.setting(2, "transformer blocks", rules.Range(1, 12, whole=True))
-    hidden: int = rules.setting(64, "width, a multiple of heads", rules.Range(1, whole=True))
-    heads: int = rules.setting(2, "attention heads", rules.Range(1, whole=True))
-    seed: int = rules.setting(0, "weight initialisation: the same seed gives the same \"pretrained\" model",
-                              rules.Range(whole=True))
-
-    kind = "text"
-
-    def check(self) -> list[str]:
-        problems = super().check()
-        sizes = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (self.hidden, self.heads))
-        if sizes and self.hidden % self.heads:
-            problems.append(
-                f"`model.hidden` is {self.hidden} and `model.heads` {self.heads}: the width must "
-                "be a multiple of the head count"
-            )
-        return problems
-
-    @property
-    def path(self) -> str:
-        return f"tiny-bert-l{self.layers}-h{self.hidden}-a{self.heads}-s{self.seed}"
-
-    def materialise(self, cache_dir: Path) -> Path:
-        """Write the model folder into ``cache_dir`` (once; later calls reuse it)."""
-        from sweeper.finetune.data import synthetic_vocabulary
-
-        folder = Path(cache_dir) / self.path
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        # Released by the kernel if its holder dies, as data.prepare's lock is.
-        with FileLock(folder.with_suffix(".lock")):
-            if not (folder / "config.json").exists():
-                from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast  # type: ignore[attr-defined]
-
-                quiet_transformers()
-                folder.mkdir(parents=True, exist_ok=True)
-                tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *synthetic_vocabulary()]
-                tokenizer = BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True)
-                config = BertConfig(
-                    vocab_size=len(tokenizer), hidden_size=self.hidden, num_hidden_layers=self.layers,
-                    num_attention_heads=self.heads, intermediate_size=self.hidden * 4,
-                    max_position_embeddings=128,
-                )
-                generator_state = torch.random.get_rng_state()
-                torch.manual_seed(self.seed)
-                model = BertForMaskedLM(config)
-                torch.random.set_rng_state(generator_state)
-                model.save_pretrained(folder, safe_serialization=True)
-                tokenizer.save_pretrained(folder)
-        return folder
-
-    def num_blocks(self, cache_dir: Path) -> int:
-        return self.layers
-
-    def _as_text(self, cache_dir: Path) -> TextClassifier:
-        return TextClassifier(str(self.materialise(cache_dir)))
-
-    def tokenizer(self, cache_dir: Path) -> Any:
-        return self._as_text(cache_dir).tokenizer(cache_dir)
-
-    def build(self, num_labels: int, cache_dir: Path, dropout: float | None = None,
-              label_names: Sequence[str] = ()) -> TextAdapter:
-        return self._as_text(cache_dir).build(num_labels, cache_dir, dropout, label_names)
-
-    def pretrained_lm_head(self, cache_dir: Path) -> nn.Module:
-        return self._as_text(cache_dir).pretrained_lm_head(cache_dir)
-
-    def has_lm_head(self, cache_dir: Path) -> bool:
-        return True
-
-    def with_path(self, text: str) -> ModelSpec:
-        """A folder or hub name: the pretrained text model it holds."""
-        return TextClassifier(path=text)
-
-
-@dataclass
-class ImageClassifier(BaseModelSpec):
-    """A torchvision ResNet with a new final layer."""
-
-    arch: str = rules.setting("resnet18", "the torchvision ResNet", rules.OneOf(RESNETS))
-    weights: str = rules.setting("DEFAULT", "torchvision weights name, a local .safetensors file, or \"none\"")
-
-    kind = "image"
-
-    @property
-    def path(self) -> str:
-        return f"{self.arch}:{self.weights}"
-
-    def num_blocks(self, cache_dir: Path) -> int:
-        return RESNET_BLOCKS[self.arch]
-
-    def build(self, num_labels: int, cache_dir: Path, dropout: float | None = None,
-              label_names: Sequence[str] = ()) -> ResNetAdapter:
-        model = _load_resnet(self.arch, self.weights)
-        model.fc = nn.Linear(model.fc.in_features, num_labels)
-        return ResNetAdapter(model, self.arch, _class_names(num_labels, label_names))
-
-    def with_path(self, text: str) -> ModelSpec:
-        """An architecture name picks the architecture; anything else, the weights."""
-        if text in RESNETS:
-            return dataclasses.replace(self, arch=text)
-        return dataclasses.replace(self, weights=text)
-
-
-# The type of a study's `model` (and the kinds its check accepts): a new kind of model is a
-# BaseModelSpec subclass listed here. Only its text members have `pretrained_lm_head`, which
-# the `mlm` term needs and the study check refuses for any other.
-ModelSpec = TextClassifier | TinyTextClassifier | ImageClassifier
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *synthetic_vocabulary()]
+    tokenizer = BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True)
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, intermediate_size=hidden * 4,
+        max_position_embeddings=128,
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = BertForMaskedLM(config)
+    torch.random.set_rng_state(generator_state)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
 
 
 # --------------------------------------------------------------------------- loading
@@ -504,7 +325,7 @@ def quiet_transformers() -> None:
 _TEXT_WEIGHTS: dict[str, tuple[Any, dict[str, torch.Tensor]]] = {}
 
 
-def _pretrained_text_weights(path: str) -> tuple[Any, dict[str, torch.Tensor]]:
+def pretrained_text_weights(path: str) -> tuple[Any, dict[str, torch.Tensor]]:
     if path not in _TEXT_WEIGHTS:
         from transformers import AutoModel
 
@@ -518,7 +339,7 @@ def _pretrained_text_weights(path: str) -> tuple[Any, dict[str, torch.Tensor]]:
                 torch.manual_seed(0)
                 base = AutoModel.from_pretrained(path, dtype=torch.float32)
         except (OSError, ValueError) as exc:
-            raise _load_error(path, exc) from None
+            raise ModelNotLoaded(path, exc) from None
         _TEXT_WEIGHTS[path] = (base.config, {k: v.detach().clone() for k, v in base.state_dict().items()})
     return _TEXT_WEIGHTS[path]
 
@@ -530,25 +351,7 @@ def _class_names(num_labels: int, label_names: Sequence[str]) -> list[str]:
     return [f"LABEL_{k}" for k in range(num_labels)]
 
 
-def _load_error(path: str, exc: Exception) -> SweepError:
-    where = "folder" if os.path.isdir(path) else "hub name"
-    reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-    return SweepError(
-        f"could not load the model {path!r} ({where}: {reason}): without a network, point "
-        "`model` at a local folder, e.g. --set model=../shared/models/minilm-l6-h384"
-    )
-
-
-def _folder_identity(path: str) -> str:
-    """A name for cache keys: the path plus the sizes and times of its files."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return path
-    parts = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(folder.iterdir()) if p.is_file()]
-    return path + "#" + hashlib.sha256(";".join(parts).encode()).hexdigest()[:16]
-
-
-def _checkpoint_has_lm_head(path: str) -> bool:
+def checkpoint_has_lm_head(path: str) -> bool:
     from safetensors import safe_open
 
     folder = Path(path)
@@ -560,16 +363,16 @@ def _checkpoint_has_lm_head(path: str) -> bool:
     return False
 
 
-def _masked_lm_head(path: str) -> nn.Module:
+def masked_lm_head(path: str) -> nn.Module:
     from transformers import AutoModelForMaskedLM
 
     quiet_transformers()
-    if not _checkpoint_has_lm_head(path):
+    if not checkpoint_has_lm_head(path):
         raise SweepError(
             f"pretrain_loss='mlm' needs a checkpoint with a masked-LM head, and {path!r} has none: "
             "use pretrain_loss=distill or l2sp, or a model saved with its MLM head"
         )
-    with torch.random.fork_rng(devices=[]):  # as in _pretrained_text_weights
+    with torch.random.fork_rng(devices=[]):  # as in pretrained_text_weights
         lm = AutoModelForMaskedLM.from_pretrained(path, dtype=torch.float32)
     head = getattr(lm, "cls", None) or getattr(lm, "lm_head", None)
     if head is None:
@@ -580,7 +383,7 @@ def _masked_lm_head(path: str) -> nn.Module:
     return head
 
 
-def _load_resnet(arch: str, weights: str) -> Any:  # a torchvision ResNet
+def load_resnet(arch: str, weights: str) -> Any:  # a torchvision ResNet
     try:
         import torchvision  # optional: pip install 'sweeper[vision]'
     except ImportError:
@@ -617,7 +420,7 @@ def from_checkpoint(folder: Path) -> ModelAdapter:
     if config.get("format") == "torchvision":
         from safetensors.torch import load_file
 
-        model = _load_resnet(config["arch"], "none")
+        model = load_resnet(config["arch"], "none")
         model.fc = nn.Linear(model.fc.in_features, int(config["num_classes"]))
         model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
         names = config.get("id2label", {})

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from sweeper.finetune.data import PreparedData, SyntheticText, prepare
-from sweeper.finetune.models import TextAdapter, TextClassifier, TinyTextClassifier
+from sweeper.finetune.model_specs import TextClassifier, TinyTextClassifier
+from sweeper.finetune.models import TextAdapter
 from tests.helpers import MINILM
 
 

@@ -20,7 +20,8 @@ from sweeper.finetune import array_memory, loop
 from sweeper.finetune.arrays import Member, MemberOutcome, Structure, TrialArray
 from sweeper.finetune.data import ImageData, _splits, prepare
 from sweeper.finetune.loop import Hooks, Hyper, LoopSettings
-from sweeper.finetune.models import ImageClassifier, from_checkpoint
+from sweeper.finetune.model_specs import ImageClassifier
+from sweeper.finetune.models import from_checkpoint
 from tests.finetune.test_arrays import _PruneAt, _Recorder, _same_losses
 
 pytestmark = pytest.mark.xdist_group("finetune_arrays")

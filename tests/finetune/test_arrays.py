@@ -13,7 +13,8 @@ from sweeper.errors import SweepError
 from sweeper.finetune import array_memory, loop
 from sweeper.finetune.arrays import Member, MemberOutcome, Structure, TrialArray
 from sweeper.finetune.loop import Hooks, Hyper, LoopSettings
-from sweeper.finetune.models import TinyTextClassifier, from_checkpoint
+from sweeper.finetune.model_specs import TinyTextClassifier
+from sweeper.finetune.models import from_checkpoint
 from tests.finetune.test_loop import _StopAfter  # the same stop as the loop's own tests
 
 pytestmark = pytest.mark.xdist_group("finetune_arrays")

@@ -17,7 +17,7 @@ import torch
 from sweeper.finetune import compiled
 from sweeper.finetune.data import prepare, training_batches
 from sweeper.finetune.loop import Hyper, LoopSettings, train
-from sweeper.finetune.models import TinyTextClassifier
+from sweeper.finetune.model_specs import TinyTextClassifier
 
 pytestmark = pytest.mark.xdist_group("finetune_compiled")
 
@@ -104,7 +104,7 @@ def test_a_compiler_that_cannot_run_leaves_the_trial_eager_with_one_warning(data
 
 def test_a_compiled_resnet_trains_like_an_eager_one(tmp_path: Path, image_folder) -> None:  # type: ignore[no-untyped-def]
     from sweeper.finetune.data import ImageData
-    from sweeper.finetune.models import ImageClassifier
+    from sweeper.finetune.model_specs import ImageClassifier
 
     folder = image_folder(12)
     images = prepare(ImageData(str(folder), image_size=32, validation_fraction=0.25), tmp_path / "cache", seed=0)

@@ -17,7 +17,7 @@ import pytest
 
 from sweeper.errors import SweepError
 from sweeper.finetune.data import ImageData, PreparedData, TextData, check_source, prepare, synthetic_sentiment
-from sweeper.finetune.models import TinyTextClassifier
+from sweeper.finetune.model_specs import TinyTextClassifier
 
 # One xdist worker runs this file's tests, so the tokenizer fixture is built once.
 pytestmark = pytest.mark.xdist_group("finetune_data")
@@ -271,7 +271,8 @@ def test_an_image_folder_reads_test_classes_by_name_and_refuses_unreadable_image
 def test_the_saved_model_names_its_classes(tmp_path: Path, model_cache: Path) -> None:
     from transformers import AutoConfig
 
-    from sweeper.finetune.models import ImageClassifier, from_checkpoint
+    from sweeper.finetune.model_specs import ImageClassifier
+    from sweeper.finetune.models import from_checkpoint
 
     text = TinyTextClassifier(layers=1, hidden=32, heads=2).build(2, model_cache, label_names=["neg", "pos"])
     text.save(tmp_path / "text")

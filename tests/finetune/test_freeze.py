@@ -4,7 +4,7 @@ import pytest
 
 from sweeper.errors import SweepError
 from sweeper.finetune import freeze
-from sweeper.finetune.models import TinyTextClassifier
+from sweeper.finetune.model_specs import TinyTextClassifier
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import torch
 from sweeper.errors import SweepError
 from sweeper.finetune.data import ImageData, check_source, prepare
 from sweeper.finetune.loop import Hyper, LoopSettings, train
-from sweeper.finetune.models import ImageClassifier
+from sweeper.finetune.model_specs import ImageClassifier
 
 
 def test_a_resnet_fine_tunes_on_an_image_folder(tmp_path: Path, image_folder) -> None:  # type: ignore[no-untyped-def]

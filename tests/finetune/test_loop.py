@@ -13,7 +13,7 @@ from sweeper.finetune.loop import (
     learning_rate_factor,
     train,
 )
-from sweeper.finetune.models import TinyTextClassifier
+from sweeper.finetune.model_specs import TinyTextClassifier
 
 # One xdist worker runs this file's tests, so its module- and session-wide fixtures are built once.
 pytestmark = pytest.mark.xdist_group("finetune_loop")

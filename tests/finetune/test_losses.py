@@ -7,7 +7,7 @@ import torch
 
 from sweeper.finetune import freeze, losses
 from sweeper.finetune.loop import forward_pass
-from sweeper.finetune.models import TinyTextClassifier
+from sweeper.finetune.model_specs import TinyTextClassifier
 
 SPEC = TinyTextClassifier(layers=3, hidden=32, heads=2)
 

@@ -7,12 +7,8 @@ import torch
 
 from sweeper.errors import SweepError
 from sweeper.finetune.data import SyntheticText, prepare
-from sweeper.finetune.models import (
-    ImageClassifier,
-    TextClassifier,
-    TinyTextClassifier,
-    from_checkpoint,
-)
+from sweeper.finetune.model_specs import ImageClassifier, TextClassifier, TinyTextClassifier
+from sweeper.finetune.models import from_checkpoint
 from tests.helpers import MINILM
 
 

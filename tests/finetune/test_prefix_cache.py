@@ -15,7 +15,7 @@ import torch
 from sweeper.finetune import freeze, prefix
 from sweeper.finetune.data import ImageSplit, PreparedData, evaluation_batches, training_batches
 from sweeper.finetune.loop import Hyper, LoopSettings, forward_pass, train
-from sweeper.finetune.models import TinyTextClassifier
+from sweeper.finetune.model_specs import TinyTextClassifier
 
 # One xdist worker runs this file's tests, so its module- and session-wide fixtures are built once.
 pytestmark = pytest.mark.xdist_group("prefix_cache")
@@ -180,7 +180,7 @@ def test_the_lru_evicts_the_oldest_store_not_in_use() -> None:
 
 def test_augmented_images_are_not_cached_but_their_validation_is(model_cache) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("torchvision")
-    from sweeper.finetune.models import ImageClassifier
+    from sweeper.finetune.model_specs import ImageClassifier
 
     rng = np.random.default_rng(0)
 

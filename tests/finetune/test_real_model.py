@@ -9,7 +9,7 @@ import torch
 
 from sweeper.finetune.data import TextData, prepare
 from sweeper.finetune.loop import Hyper, LoopSettings, evaluate, train
-from sweeper.finetune.models import TextClassifier
+from sweeper.finetune.model_specs import TextClassifier
 from tests.helpers import MINILM, SST2
 
 

@@ -10,7 +10,7 @@ import torch
 
 from sweeper.finetune.data import ImageData, prepare
 from sweeper.finetune.loop import Hyper, LoopSettings, Preempted, evaluate, load_trained, train
-from sweeper.finetune.models import ImageClassifier
+from sweeper.finetune.model_specs import ImageClassifier
 from tests.finetune.test_loop import _StopAfter
 
 HYPER = Hyper(learning_rate=3e-3, batch_size=10, unfreeze_depth=2, pretrain_loss_weight=0.1)

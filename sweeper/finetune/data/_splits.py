@@ -1,12 +1,19 @@
-"""The prepared splits, the seeded validation carve-out, and the batches a trial draws."""
+"""The prepared splits, the seeded validation carve-out, and the batches a trial draws.
+
+PyTorch is imported where a batch is made, not with the module: a study file's data spec
+imports this, and checking a study needs no PyTorch (``model_specs.py``).
+"""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Split(Protocol):
@@ -37,6 +44,8 @@ class TextSplit:
 
     def batch(self, indices: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
         """Pad the chosen examples to the longest of them (dynamic padding)."""
+        import torch
+
         starts, ends = self.offsets[indices], self.offsets[indices + 1]
         width = int((ends - starts).max())
         ids = np.full((len(indices), width), self.pad_id, dtype=np.int64)
@@ -68,9 +77,14 @@ class TextSplit:
         return TextSplit(ids, offsets, self.labels[indices], self.pad_id, types)
 
 
-# ImageNet statistics: every torchvision ResNet was pretrained on inputs normalised this way.
-_IMAGE_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-_IMAGE_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+@functools.cache
+def _image_statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet's channel mean and standard deviation on ``device``: every torchvision ResNet
+    was pretrained on inputs normalised this way."""
+    import torch
+
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    return mean, torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
 
 
 @dataclass
@@ -86,11 +100,14 @@ class ImageSplit:
         return np.ones(len(self.labels), dtype=np.int64)
 
     def batch(self, indices: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+        import torch
+
         pixels = torch.from_numpy(np.ascontiguousarray(self.images[indices])).to(device)
         pixels = pixels.permute(0, 3, 1, 2).float().div_(255.0)
         if self.augment:
             pixels = _augment(pixels)
-        pixels = (pixels - _IMAGE_MEAN.to(device)) / _IMAGE_STD.to(device)
+        mean, std = _image_statistics(torch.device(device))
+        pixels = (pixels - mean) / std
         labels = torch.from_numpy(self.labels[indices].astype(np.int64)).to(device)
         return {"pixel_values": pixels, "labels": labels}
 
@@ -100,6 +117,8 @@ class ImageSplit:
 
 def _augment(pixels: torch.Tensor) -> torch.Tensor:
     """Random 4-pixel-padded crop and horizontal flip (the standard CIFAR recipe)."""
+    import torch
+
     n, _, h, w = pixels.shape
     padded = torch.nn.functional.pad(pixels, (4, 4, 4, 4), mode="reflect")
     dy = torch.randint(0, 9, (n,)).tolist()

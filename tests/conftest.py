@@ -70,6 +70,15 @@ def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("pg_url")
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=[pytest.mark.postgres, pytest.mark.long])])
+def storage_url_postgres_long(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """As ``storage_url``, for a real sweep of many seconds: its PostgreSQL side runs with the
+    long tests (CI runs both), so that the default run stays near five minutes."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'study.db'}"
+    return request.getfixturevalue("pg_url")
+
+
 
 
 @pytest.fixture(scope="session")

@@ -267,6 +267,7 @@ def _launch(args: list[str], file_size_limit: int | None) -> subprocess.Complete
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)  # two launches, each importing PyTorch in three processes on 2 cores
+@pytest.mark.long
 def test_a_full_artifact_disk_fails_only_the_trial_that_cannot_write(tmp_path: Path, pg_url: str) -> None:
     disk = tmp_path / "disk"
     mounted = _mount_tmpfs(disk, 4096)

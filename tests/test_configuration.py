@@ -38,7 +38,8 @@ def test_differences_name_every_setting_trials_compute_with_and_ignore_where_a_m
 
 
 def test_a_worker_with_other_settings_is_refused_with_one_line_and_trains_nothing(
-        tmp_path: Path, storage_url: str) -> None:
+        tmp_path: Path, storage_url_postgres_long: str) -> None:
+    storage_url = storage_url_postgres_long
     study_file = write_study(tmp_path, TINY_STUDY)
     env = {"SWEEPER_STORAGE": storage_url}
     created = run_cli("create", str(study_file), env=env)

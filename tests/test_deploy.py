@@ -446,6 +446,7 @@ def test_deploy_rejects_a_bad_worker_count_in_one_line() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(300)  # three processes import PyTorch and train on 2 cores
 @pytest.mark.postgres
+@pytest.mark.long
 def test_the_compose_create_and_worker_commands_run_a_sweep_on_postgres(pg_url: str, tmp_path: Path) -> None:
     """The compose file's own commands and environment, as its containers would run them: the
     working folder is the image's (studies/ inside it), `sweeper` is the entrypoint, and the

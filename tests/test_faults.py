@@ -200,6 +200,7 @@ class ConnectionCutter(threading.Thread):
     # Trials of 1,600 sentences (a few seconds each here), so that the cuts meet every part of them.
     pytest.param(2, 1600, id="two-workers-longer-trials", marks=pytest.mark.long),
 ])
+@pytest.mark.long
 def test_a_sweep_whose_connections_are_cut_again_and_again_ends_exactly(
         tmp_path: Path, pg_url: str, sweeps: list[Sweep], workers: int, n_train: int) -> None:
     sweep = Sweep(tmp_path, pg_url, "--workers", str(workers), sets=[*SWEEP_SETS, f"data.n_train={n_train}"])
@@ -261,6 +262,7 @@ def take_every_connection(url: str) -> list[sqlalchemy.Connection]:
             return held
 
 
+@pytest.mark.long
 def test_a_sweep_at_its_connection_limit_waits_and_ends_exactly(
         tmp_path: Path, pg_url: str, sweeps: list[Sweep]) -> None:
     with limited_role(pg_url, 24) as url:
@@ -280,6 +282,7 @@ def test_a_sweep_at_its_connection_limit_waits_and_ends_exactly(
 # --------------------------------------------------------------------------- the server restarted
 
 
+@pytest.mark.long
 def test_a_sweep_across_a_server_restart_ends_exactly(tmp_path: Path, private_pg: PrivatePostgres,
                                                       sweeps: list[Sweep]) -> None:
     """On a private server: the shared one serves every other test's database."""
@@ -340,6 +343,7 @@ def worker_pid(log: Path) -> int | None:
     return None
 
 
+@pytest.mark.long
 def test_a_worker_killed_while_it_saves_leaves_no_orphaned_checkpoint(tmp_path: Path, sweeps: list[Sweep]) -> None:
     """On SQLite only: which files a trial left is read from its record, the same on any storage."""
     sweep = Sweep(tmp_path, f"sqlite:///{tmp_path / 'study.db'}", "--workers", "1")

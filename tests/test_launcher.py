@@ -111,6 +111,7 @@ def _retry_of(trials: list[FrozenTrial], number: int) -> FrozenTrial:
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
+@pytest.mark.long
 def test_kill_9_of_a_worker_mid_trial_resumes_the_trial_from_its_checkpoint(tmp_path: Path) -> None:
     # On SQLite only, to keep the suite short: the same reaping and resume on PostgreSQL are
     # shown by tests/test_workers.py and tests/test_storage.py (a server restart mid-sweep).
@@ -133,6 +134,7 @@ def test_kill_9_of_a_worker_mid_trial_resumes_the_trial_from_its_checkpoint(tmp_
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
+@pytest.mark.long
 def test_sigterm_checkpoints_hands_back_and_the_retry_resumes_at_that_step(tmp_path: Path) -> None:
     url, launcher, victim = _caught_mid_trial(tmp_path)
     os.kill(record.PID.get(victim), signal.SIGTERM)
@@ -151,6 +153,7 @@ def test_sigterm_checkpoints_hands_back_and_the_retry_resumes_at_that_step(tmp_p
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
+@pytest.mark.long
 def test_ctrl_c_stops_every_worker_cleanly_and_launching_again_resumes(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'study.db'}"
     study = write_study(tmp_path, TINY_STUDY)

@@ -174,6 +174,7 @@ def _dashboard_responses(study: Path, url: str) -> str:
 
 
 @pytest.mark.timeout(400)
+@pytest.mark.long
 def test_no_password_reaches_attributes_artifacts_logs_titles_or_the_dashboard(tmp_path: Path, pg_url: str) -> None:
     # Sweep 1: the study file's URL (user:password@) and, above it, SWEEPER_STORAGE (?password=).
     first = tmp_path / "first"

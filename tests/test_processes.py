@@ -32,6 +32,7 @@ def _parent_of(pid: int) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_workers_forked_from_the_template_compute_what_fresh_interpreters_compute(tmp_path: Path) -> None:
     """The same sweep twice: with workers forked from the template, and with a template that
     touched CUDA, whose workers therefore start as fresh interpreters (exec, as
@@ -68,6 +69,7 @@ def test_workers_forked_from_the_template_compute_what_fresh_interpreters_comput
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_template_that_dies_while_importing_leaves_the_workers_to_fresh_interpreters(tmp_path: Path) -> None:
     study = write_study(tmp_path, TINY_STUDY)
     result = run_cli("launch", str(study), "--workers", "1", "--set", "n_trials=2",
@@ -81,6 +83,7 @@ def test_a_template_that_dies_while_importing_leaves_the_workers_to_fresh_interp
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
+@pytest.mark.long
 def test_a_dead_template_neither_fails_its_running_workers_nor_stops_restarts(tmp_path: Path) -> None:
     url, launcher, first = _caught_mid_trial(tmp_path)
     worker = record.PID.get(first)

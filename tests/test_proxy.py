@@ -140,6 +140,7 @@ def start_light_worker(url: str, name: str, seconds: float, log: Path) -> subpro
 @pytest.mark.slow
 @pytest.mark.timeout(300)  # 32 Python processes on 2 cores: 35-60 s here, more on a busy machine
 @pytest.mark.postgres
+@pytest.mark.long
 def test_32_workers_through_the_proxy_finish_the_budget_exactly_on_a_few_connections(
         proxies: Proxies, tmp_path: Path) -> None:
     # A grace period that 32 processes on 2 cores cannot overrun: no live trial is reaped here.
@@ -211,6 +212,7 @@ def test_a_killed_worker_behind_the_proxy_has_its_trial_failed_and_retried_by_th
 
 
 @pytest.mark.postgres
+@pytest.mark.long
 def test_workers_ride_out_a_restart_of_the_proxy(proxies: Proxies, tmp_path: Path) -> None:
     first = proxies.start(grace=120)
     study = make_tickets(first.url, "restart", 6)

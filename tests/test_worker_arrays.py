@@ -43,7 +43,8 @@ def _arrays(trials: list[FrozenTrial]) -> dict[int, list[FrozenTrial]]:
 
 
 @pytest.mark.slow
-def test_an_array_sweep_counts_every_member_once_on_both_storages(tmp_path: Path, storage_url: str) -> None:
+def test_an_array_sweep_counts_every_member_once_on_both_storages(tmp_path: Path, storage_url_postgres_long: str) -> None:
+    storage_url = storage_url_postgres_long
     study = write_study(tmp_path, ARRAY_STUDY)
     started = time.time()
     result = run_cli("launch", str(study), "--storage", storage_url, "--workers", "2", "--array-size", "3",
@@ -114,6 +115,7 @@ def _members_mid_training(trials: list[FrozenTrial]) -> list[FrozenTrial]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
+@pytest.mark.long
 def test_kill_9_mid_array_retries_every_member_from_its_own_state(tmp_path: Path) -> None:
     study = write_study(tmp_path, ARRAY_STUDY)
     url = f"sqlite:///{tmp_path / 'study.db'}"

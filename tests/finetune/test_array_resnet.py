@@ -102,8 +102,8 @@ def _array(images, tmp_path: Path, hypers: list[Hyper], members: list[int], hook
     return array, outcomes
 
 
-@pytest.mark.parametrize("depth", [2, 0, pytest.param(8, marks=pytest.mark.long)],  # the stem's run: CI's long run
-                         ids=["top-two-blocks", "linear-probe", "full-depth"])
+@pytest.mark.parametrize("depth", [pytest.param(2, marks=pytest.mark.long), 0, pytest.param(8, marks=pytest.mark.long)],
+                         ids=["top-two-blocks", "linear-probe", "full-depth"])  # 40 s each: CI's long run
 def test_every_resnet_member_follows_its_trajectory_alone(images, tmp_path: Path, monkeypatch, depth: int) -> None:  # type: ignore[no-untyped-def]
     hypers = _hypers(depth)
     _, outcomes = _array(images, tmp_path, hypers, [0, 1, 2])
@@ -119,6 +119,7 @@ def test_every_resnet_member_follows_its_trajectory_alone(images, tmp_path: Path
                                        msg=name)
 
 
+@pytest.mark.long
 def test_a_pruned_resnet_member_leaves_and_a_refill_sees_the_batches_from_where_it_joined(images, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     hypers = _hypers(2)
     array, outcomes = _array(images, tmp_path, hypers, [0, 1], hooks={1: _PruneAt(1)}, refill=[2])

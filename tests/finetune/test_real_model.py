@@ -15,6 +15,7 @@ from tests.helpers import MINILM, SST2
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+@pytest.mark.long
 def test_minilm_fine_tuned_for_75_steps_beats_75_percent_on_held_out_sst2(tmp_path: Path) -> None:
     # 75 steps of 32 reach 0.815 on all 872 held-out sentences (200 steps reached 0.817), at
     # about a third of the time: the figure, not the step count, is what the test shows.

@@ -16,8 +16,10 @@ and two of them stuck at the worse depth). So a :class:`StructurePlan` explores 
   from the queue for as long as there are tickets, as before.
 
 Counting reads the study's trials: a trial's structure is its parameters or, before they are
-drawn, the values its claim fixed, so two workers starting arrays at once take different
-structures. Failed trials are not counted (their retries are). A grid larger than
+drawn, the values its claim fixed; reading, choosing and claiming happen under the study's
+ticket lock (:func:`claim_first`), so two workers starting arrays at once take different
+structures (without it both could read the other's as untried and take the same one: seen
+once on PostgreSQL under load, a sweep that never tried its second depth). Failed trials are not counted (their retries are). A grid larger than
 ``MAX_GRID`` structures (or none: nothing structural searched) leaves every choice to the
 sampler, as an exploration of one array each would outlast most budgets.
 """
@@ -28,14 +30,14 @@ import itertools
 import math
 import random
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper import record
+from sweeper import budget, record
 from sweeper import space as space_mod
 
 STRUCTURAL = ("unfreeze_depth", "batch_size")  # what every member of an array shares
@@ -120,3 +122,13 @@ class StructurePlan:
         structure holds one array's worth of trials."""
         structure = self.structure(fixed)
         return structure is None or self.tried(trials)[structure] < self.array_size
+
+
+def claim_first(study: optuna.Study, plan: StructurePlan,
+                claim: Callable[..., optuna.Trial | None]) -> tuple[optuna.Trial | None, dict[str, Any] | None]:
+    """Claim a new array's first member with the structure ``plan`` has for it (None: the
+    sampler proposes it); returns the trial and that structure. Under the ticket lock, so
+    that the claim and its fixed values are in the storage before another worker reads."""
+    with budget.ticket_lock(study):
+        fixed = plan.first(study.get_trials(deepcopy=False))
+        return claim(study, fixed=fixed), fixed

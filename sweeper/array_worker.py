@@ -39,7 +39,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper import budget, liveness, optuna_adapter, record
+from sweeper import array_structure, budget, liveness, optuna_adapter, record
 from sweeper.array_structure import StructurePlan, fresh, structural
 from sweeper.errors import SweepError
 from sweeper.finetune import array_memory
@@ -79,8 +79,10 @@ class ArrayRunner:
     def claim_first(self, study: optuna.Study) -> optuna.Trial | None:
         """The worker's next ticket; a fresh one gets the structure the plan has for a new
         array (none: the sampler proposes it)."""
-        fixed = None if self.plan is None or self.alone_only else self.plan.first(study.get_trials(deepcopy=False))
-        trial = self.claim(study, fixed=fixed)
+        if self.plan is None or self.alone_only:
+            trial, fixed = self.claim(study), None
+        else:
+            trial, fixed = array_structure.claim_first(study, self.plan, self.claim)
         self._exploring = fixed is not None and trial is not None and fresh(trial)
         return trial
 

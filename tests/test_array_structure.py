@@ -5,6 +5,8 @@ on fresh tickets only."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
-from sweeper import record, worker
+from sweeper import array_structure, record, worker
 from sweeper.array_structure import MAX_GRID, StructurePlan, fresh
 from sweeper.space import Categorical, Int, LogFloat
 
@@ -94,3 +96,40 @@ def test_a_claim_fixes_a_structure_on_a_fresh_ticket_only(tmp_path: Path) -> Non
     assert second is not None
     assert record.FIXED_PARAMS.get(study.trials[1]) == fixed
     assert second.suggest_int("unfreeze_depth", 1, 2) == 1
+
+
+def test_two_workers_starting_arrays_at_once_take_different_structures(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The choice is read and claimed under the ticket lock. A slow read (the sleep below)
+    makes the race certain without it: both workers would read the grid untried and take its
+    first structure."""
+    plan = StructurePlan.of(SPACE, array_size=2, n_trials=40, seed=0)
+    assert plan is not None
+    choose = StructurePlan.first
+
+    def slow_first(self: StructurePlan, trials: Any) -> dict[str, Any] | None:
+        chosen = choose(self, list(trials))
+        time.sleep(0.3)  # between the read and the claim that records it
+        return chosen
+
+    monkeypatch.setattr(StructurePlan, "first", slow_first)
+    url = f"sqlite:///{tmp_path / 'db'}"
+    optuna.create_study(study_name="race", storage=url)
+    seed_study = optuna.load_study(study_name="race", storage=url)
+    for _ in range(4):
+        seed_study.enqueue_trial({})
+    start, taken = threading.Barrier(2), []
+
+    def start_an_array() -> None:
+        study = optuna.load_study(study_name="race", storage=url)  # each worker its own storage
+        start.wait()
+        taken.append(array_structure.claim_first(study, plan, worker.claim))
+
+    threads = [threading.Thread(target=start_an_array) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(taken) == 2 and all(trial is not None for trial, _ in taken)
+    structures = [plan.structure(fixed or {}) for _, fixed in taken]
+    assert None not in structures and structures[0] != structures[1], structures
+    assert {trial.number for trial, _ in taken if trial is not None} == {0, 1}

@@ -4,7 +4,7 @@ small random BERT built on the spot, for the quickstart and tests).
 
 A spec is settings and the questions about them that need no weights; building a model is
 ``models.py``'s, imported only when one is built. So loading and checking a study file
-(``sweeper validate``, ``status``, ``report``) never waits for PyTorch (issue 17.2's start-up).
+(``sweeper validate``, ``status``, ``report``) never waits for PyTorch.
 """
 
 from __future__ import annotations

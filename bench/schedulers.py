@@ -479,8 +479,11 @@ def run_ray(name: str, study: Path, cache: Path, args: argparse.Namespace, devic
            "TRANSFORMERS_VERBOSITY": "error"}
     if device != "cuda":
         env["CUDA_VISIBLE_DEVICES"] = ""
+    # Ray's sockets live under its temp folder, and a Unix socket's path has at most 107 bytes:
+    # a short folder of its own, not one under the work folder.
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     ray.init(num_cpus=args.workers, num_gpus=1 if device == "cuda" else 0, include_dashboard=False,
-             log_to_driver=False, runtime_env={"env_vars": env}, _temp_dir=str(folder / "ray-tmp"))
+             log_to_driver=False, runtime_env={"env_vars": env}, _temp_dir=ray_tmp)
     logging.getLogger("ray").setLevel(logging.ERROR)  # ray.init sets its own level: PBT logs every decision
     try:
         if name == "ray-pbt":
@@ -508,6 +511,7 @@ def run_ray(name: str, study: Path, cache: Path, args: argparse.Namespace, devic
         ended = min(time.time(), started + args.budget)
     finally:
         ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
     outcome = Outcome(name, started, ended, devices(device, args.workers), load=_load())
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []

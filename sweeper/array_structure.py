@@ -19,9 +19,10 @@ Counting reads the study's trials: a trial's structure is its parameters or, bef
 drawn, the values its claim fixed; reading, choosing and claiming happen under the study's
 ticket lock (:func:`claim_first`), so two workers starting arrays at once take different
 structures (without it both could read the other's as untried and take the same one: seen
-once on PostgreSQL under load, a sweep that never tried its second depth). Failed trials are not counted (their retries are). A grid larger than
-``MAX_GRID`` structures (or none: nothing structural searched) leaves every choice to the
-sampler, as an exploration of one array each would outlast most budgets.
+once on PostgreSQL under load, a sweep that never tried its second depth). Failed trials are
+not counted (their retries are). A grid larger than ``MAX_GRID`` structures (or none: nothing
+structural searched) leaves every choice to the sampler, as an exploration of one array each
+would outlast most budgets.
 """
 
 from __future__ import annotations

@@ -141,7 +141,7 @@ def main() -> None:
     common.device_arg(parser)
     parser.add_argument("--runs", type=int, default=3, help="study seeds (default 3)")
     parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--head-init", nargs="+", default=["shared", "trial"], choices=("shared", "trial"),
+    parser.add_argument("--head-init", nargs="+", default=["shared", "trial"], choices=("shared", "trial", "probe"),
                         help="the settings to compare (default both)")
     parser.add_argument("--trials", type=int, default=6, help="trials per sweep, all kept (default 6)")
     parser.add_argument("--train", type=int, default=2000, help="training examples (default 2000 of 67,349)")

@@ -21,7 +21,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial
 
-from sweeper import __version__, checkpoints, configuration, pbt, promotion, record
+from sweeper import __version__, checkpoints, configuration, head_probe, pbt, promotion, record
 from sweeper import space as space_mod
 from sweeper.errors import SweepError
 from sweeper.finetune import freeze
@@ -193,9 +193,12 @@ class Objective:
         # A PBT segment trains with its member's seed, so a member that always continues trains as one trial.
         first = int(segment["member"]) if segment else (history[0] if history else trial.number)
         seed = int(repeat["seed"]) if repeat else trial_seed(sweep.seed, first)
-        # The new head's initial weights: the study's draw, or the trial's (`head_init`).
+        # The new head's initial weights: the study's draw, or the trial's (`head_init`; "probe" fits over them).
         torch.manual_seed(head_seed(sweep.seed) if sweep.head_init == "shared" else seed)
         adapter = sweep.model.build(data.num_labels, sweep.cache_dir, hyper.dropout, data.label_names)
+        if sweep.head_init == "probe":  # the study's linear probe of the pretrained features (head_probe.py)
+            head_probe.initialise_head(self.study, self.store, adapter, data.train, data.num_labels, sweep.seed,
+                                       self.device)
         depth = adapter.num_blocks if hyper.unfreeze_depth is None else hyper.unfreeze_depth
         freeze.check_depth(depth, adapter.num_blocks)
         problems = hyper.check(adapter.num_blocks)

@@ -179,6 +179,10 @@ N_TRIALS = Field[int]("sweeper:n_trials", "study system", "int", "budget, best (
                       "the trial budget; marks a study as sweeper's")
 POPULATION = Field[int]("sweeper:population", "study system", "int", "launcher", ("launcher",),
                         "scheduler=\"pbt\": the members, fixed by the first launch (`population`, or its worker slots)")
+HEAD_PROBE = Field[dict[str, Any]]("sweeper:head_probe", "study system", "{id, examples, accuracy, seconds}",
+                                  "head_probe", ("head_probe",),
+                                  "head_init=\"probe\": the artifact of the linear probe every trial's head starts "
+                                  "from, published by the first worker that fitted one")
 DEADLINE = Field[float | None]("sweeper:deadline", "study system", "float (epoch s) or None", "launcher", ("budget",),
                                "after this, no new trial starts (--timeout)")
 GPU_SECONDS_BUDGET = Field[float | None]("sweeper:gpu_seconds_budget", "study system", "float (s) or None", "launcher",

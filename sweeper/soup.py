@@ -6,8 +6,9 @@ models improves accuracy without increasing inference time") average their weigh
 of keeping one: the *uniform* soup averages every ingredient, the *greedy* soup adds trials
 in order of validation score and keeps each only if the average's validation score does not
 drop. Averaging works when the models lie in one basin: the same pretrained weights, and in
-the paper the same initial head (the study setting ``head_init="shared"``). A frozen block is the
-pretrained block in every trial, so trials of different unfreeze depths average fine.
+the paper the same initial head, a linear probe (the study settings ``head_init="probe"``, or
+``"shared"``: one random draw). A frozen block is the pretrained block in every trial, so
+trials of different unfreeze depths average fine.
 
 This module knows nothing of storages or artifact stores: it averages state dicts, scores
 them with a function it is handed, and recomputes BatchNorm statistics. ``best.py`` fetches

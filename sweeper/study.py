@@ -39,7 +39,7 @@ DIRECTIONS = ("maximize", "minimize")
 # no "..", no NUL, nothing a shell or a Kubernetes label would trip on (issue 17.8).
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 SCHEDULERS = ("none", "pbt")  # pbt: population-based training (pbt.py)
-HEAD_INITS = ("shared", "trial")  # `head_init` (issue 19: averaged trials must start from one head)
+HEAD_INITS = ("shared", "trial", "probe")  # `head_init` (issue 19: averaged trials must start from one head)
 
 
 @dataclass
@@ -109,9 +109,10 @@ class Sweep:
                         Range(whole=True))
     # "trial" by default: bench/soup.py measured no gain from "shared" on a CPU-sized sweep (issue 19).
     head_init: str = setting(
-        "trial", "the new head's initial weights: each trial's own draw, or \"shared\", one draw from the study "
-        "seed for every trial (the paper's premise for weight soups); the trial's seed drives batch order and "
-        "dropout either way", OneOf(HEAD_INITS))
+        "trial", "the new head's initial weights: each trial's own draw; \"shared\", one draw from the study "
+        "seed for every trial (the paper's premise for weight soups); or \"probe\", one linear probe of the "
+        "pretrained features fitted on the training split once per study (as the paper starts its heads); the "
+        "trial's seed drives batch order and dropout either way", OneOf(HEAD_INITS))
     output_dir: str = setting("sweeps/{name}", "checkpoints, caches and the default SQLite file")
     storage: str | None = setting(None, "an RDB URL; None = SQLite in output_dir (or SWEEPER_STORAGE)")
     artifacts: str | None = setting(

@@ -10,6 +10,8 @@
 #   bash bench/gpu_session.sh check               # the wheels install, the GPU answers, 6 workers start; ~2 min
 #   bash bench/gpu_session.sh arrays              # trial arrays against sequential, Trainer and packing; ~8 min
 #   bash bench/gpu_session.sh schedulers          # random/TPE + Hyperband, promotion, PBT, 90 s each; ~8 min
+#   bash bench/gpu_session.sh soups               # greedy/uniform soups against the best trial, probe and
+#                                                 # trial heads, 3 study seeds; ~8 min (an estimate: not run yet)
 #
 # Run from the project root on the GPU machine, with .gpu carried (../shared/gpu/prep.sh made
 # it here). Each script's figures go to $OUT as JSON beside the whole log; a step whose
@@ -93,8 +95,14 @@ main() {
             # machine (nor can it be installed there), so its two contenders say so and are skipped.
             step schedulers 8 python3 bench/schedulers.py --device cuda --json "$out/schedulers.json"
             ;;
+        soups)
+            # Issue 19: a 12-trial MiniLM-L6 sweep on 20,000 SST-2 sentences, all 6 blocks in reach,
+            # per study seed and head_init; its soups against its best trial on SST-2 validation.
+            step soups 8 python3 bench/soup.py --device cuda --train 20000 --trials 12 --runs 3 --depths 2 6 \
+                --head-init probe trial --seeds 0 --json "$out/soups.json"
+            ;;
         *)
-            echo "usage: bash bench/gpu_session.sh speed | quality-baseline | quality-sweep FILE | full-train | check | arrays | schedulers"
+            echo "usage: bash bench/gpu_session.sh speed | quality-baseline | quality-sweep FILE | full-train | check | arrays | schedulers | soups"
             exit 2
             ;;
     esac

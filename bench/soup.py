@@ -1,6 +1,6 @@
 """Weight soups against the best single trial: a MiniLM-L6 sweep on SST-2, several study seeds.
 
-    python bench/soup.py                                  # CPU-sized: 3 runs x both head inits
+    python bench/soup.py                                  # CPU-sized: 3 runs x the three head inits
     python bench/soup.py --runs 2 --head-init shared      # fewer runs, one setting
     python bench/soup.py --device cuda --train 20000 --trials 12 --runs 5
 
@@ -141,8 +141,8 @@ def main() -> None:
     common.device_arg(parser)
     parser.add_argument("--runs", type=int, default=3, help="study seeds (default 3)")
     parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--head-init", nargs="+", default=["shared", "trial"], choices=("shared", "trial", "probe"),
-                        help="the settings to compare (default both)")
+    parser.add_argument("--head-init", nargs="+", default=["probe", "shared", "trial"], choices=("shared", "trial", "probe"),
+                        help="the settings to compare (default all three)")
     parser.add_argument("--trials", type=int, default=6, help="trials per sweep, all kept (default 6)")
     parser.add_argument("--train", type=int, default=2000, help="training examples (default 2000 of 67,349)")
     parser.add_argument("--max-length", type=int, default=64, help="tokens per input (default 64)")

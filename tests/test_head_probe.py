@@ -87,3 +87,28 @@ def test_a_worker_that_fitted_a_probe_too_late_takes_the_published_one(tmp_path:
     assert head_probe._publish(study, first) == first
     assert head_probe._publish(study, second) == first, "the first to publish wins"
     assert record.HEAD_PROBE.get(study) == first
+
+
+def test_a_resnets_probe_is_fitted_to_what_its_fc_layer_sees() -> None:
+    import torchvision
+
+    from sweeper.finetune.models import ResNetAdapter
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=3)
+    adapter = ResNetAdapter(model, "resnet18")
+    layer = probe.last_linear(adapter, 3)
+    assert layer is model.fc
+    images = torch.randn(12, 3, 32, 32)
+    batch = {"pixel_values": images, "labels": torch.tensor([0, 1, 2] * 4)}
+    features, labels = probe.head_features(adapter.train(), layer, [batch])
+    assert adapter.model.training, "its training mode is given back"
+    with torch.no_grad():
+        model.eval()
+        expected = torch.flatten(model.avgpool(model.layer4(model.layer3(model.layer2(model.layer1(
+            model.maxpool(model.relu(model.bn1(model.conv1(images))))))))), 1)
+    assert torch.allclose(features, expected, atol=1e-5), "features of the model in evaluation mode"
+    assert torch.equal(labels, batch["labels"])
+    weight, bias = probe.fit_probe(features, labels, 3)
+    probe.load_probe(layer, weight, bias)
+    assert torch.equal(model.fc.weight, weight) and torch.equal(model.fc.bias, bias)

@@ -181,7 +181,7 @@ def save_model(
         raise
     except Exception as exc:  # noqa: BLE001  (OSError from a folder, botocore errors from S3)
         _remove_partial_upload(store, trial)
-        raise StoreError(f"cannot write the checkpoint of trial {trial.number} ({_why(exc)}): free "
+        raise StoreError(f"cannot write the checkpoint of trial {trial.number} ({failure_reason(exc)}): free "
                          "space on the artifact store, or point `artifacts` at a writable folder or "
                          "bucket; the other trials are unaffected") from None
     return {"files": files}
@@ -199,7 +199,7 @@ def _remove_partial_upload(store: Any, trial: optuna.Trial) -> None:
         remove_quietly(store, meta.artifact_id)
 
 
-def _why(exc: BaseException) -> str:
+def failure_reason(exc: BaseException) -> str:
     """The cause of a store failure in a few words: the OS's reason, or the S3 error."""
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
@@ -240,7 +240,7 @@ def download_model(store: Any, trial: FrozenTrial, out: Path, *, verify: bool = 
                                  "`artifacts` points at another store") from None
             except Exception as exc:  # noqa: BLE001  (OSError from a folder, botocore errors from S3)
                 raise StoreError(f"the checkpoint file {name} of trial {trial.number} cannot be copied "
-                                 f"from the artifact store into {out}/ ({_why(exc)}): check that the "
+                                 f"from the artifact store into {out}/ ({failure_reason(exc)}): check that the "
                                  "store is reachable (AWS_ENDPOINT_URL and credentials for S3) and "
                                  f"that {out}/ is writable") from None
             if verify and sha256_of(target) != meta["sha256"]:
@@ -297,7 +297,7 @@ def save_resume(store: Any, trial: optuna.Trial, state: TrainState) -> None:
         store.write(artifact_id, io.BytesIO(blob))
     except Exception as exc:  # noqa: BLE001  (full, unwritable or unreachable: leave no partial file behind)
         remove_quietly(store, artifact_id)
-        raise StoreError(f"cannot write the resume state of trial {trial.number} ({_why(exc)})") from None
+        raise StoreError(f"cannot write the resume state of trial {trial.number} ({failure_reason(exc)})") from None
     previous = record.RESUME.get(trial) if hasattr(trial, "user_attrs") else None
     record.RESUME.set(trial, {"id": artifact_id, "step": state.step})
     if previous:
@@ -380,7 +380,7 @@ def remove_quietly(store: Any, artifact_id: str) -> bool:
     except ArtifactNotFound:  # already gone: keep-top-k may run on several machines at once
         logger.debug("artifact %s already removed", artifact_id)
     except Exception as exc:  # noqa: BLE001  (the store is unreachable: the caller tries again later)
-        logger.warning("cannot remove artifact %s (%s)", artifact_id, _why(exc))
+        logger.warning("cannot remove artifact %s (%s)", artifact_id, failure_reason(exc))
         return False
     return True
 
@@ -463,4 +463,4 @@ def tidy(study: optuna.Study, store: Any, k: int) -> None:
     try:
         keep_top_k(study, store, k)
     except Exception as exc:  # noqa: BLE001  (the next trial's clean-up tries again)
-        logger.warning("keep-top-%d skipped this time: %s", k, _why(exc))
+        logger.warning("keep-top-%d skipped this time: %s", k, failure_reason(exc))

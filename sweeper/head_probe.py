@@ -85,7 +85,7 @@ def _write(store: Any, artifact_id: str, weight: Any, bias: Any) -> None:
         store.write(artifact_id, io.BytesIO(blob))
     except Exception as exc:  # noqa: BLE001  (full, unwritable or unreachable: leave no partial file behind)
         checkpoints.remove_quietly(store, artifact_id)
-        raise StoreError(f"cannot write the study's head probe ({type(exc).__name__}: {exc})") from None
+        raise StoreError(f"cannot write the study's head probe ({checkpoints.failure_reason(exc)})") from None
 
 
 def _read(store: Any, artifact_id: str) -> tuple[Any, Any]:
@@ -94,7 +94,7 @@ def _read(store: Any, artifact_id: str) -> tuple[Any, Any]:
     try:
         with store.open_reader(artifact_id) as reader:
             tensors = load(reader.read())
-    except Exception as exc:  # noqa: BLE001  (gone or unreadable: say which, not how)
-        raise StoreError(f"cannot read the study's head probe {artifact_id} ({type(exc).__name__}: {exc}); "
+    except Exception as exc:  # noqa: BLE001  (gone or unreadable: in a few words)
+        raise StoreError(f"cannot read the study's head probe {artifact_id} ({checkpoints.failure_reason(exc)}); "
                          "it is in the artifact store the sweep was launched with") from None
     return tensors["weight"], tensors["bias"]

@@ -107,7 +107,8 @@ class Sweep:
         "sampler draws what one leaves out) or \"center\", the middle of the space")
     seed: int = setting(0, "study seed: data split, and with the worker index, each worker's sampler",
                         Range(whole=True))
-    # "trial" by default: bench/soup.py measured no gain from "shared" on a CPU-sized sweep (issue 19).
+    # "trial" by default: on a CPU-sized sweep bench/soup.py measured no gain from "shared", and soups that gain
+    # with "probe" but single trials 2.5 points weaker on test (issue 19).
     head_init: str = setting(
         "trial", "the new head's initial weights: each trial's own draw; \"shared\", one draw from the study "
         "seed for every trial (the paper's premise for weight soups); or \"probe\", one linear probe of the "

@@ -112,3 +112,15 @@ def test_a_resnets_probe_is_fitted_to_what_its_fc_layer_sees() -> None:
     weight, bias = probe.fit_probe(features, labels, 3)
     probe.load_probe(layer, weight, bias)
     assert torch.equal(model.fc.weight, weight) and torch.equal(model.fc.bias, bias)
+
+
+def test_a_probe_gone_from_the_store_is_one_line_that_says_where_it_was(tmp_path: Path) -> None:
+    study, one, _ = _two_workers(tmp_path)
+    record.HEAD_PROBE.set(study, {"id": "head-probe-gone", "examples": 1, "accuracy": 0.5, "seconds": 0.0})
+    trial = claim(study)
+    assert trial is not None
+    with pytest.raises(checkpoints.StoreError) as caught:
+        one.prepare(trial)
+    message = str(caught.value)
+    assert message.startswith("cannot read the study's head probe head-probe-gone (") and "\n" not in message
+    assert "artifact store the sweep was launched with" in message

@@ -1,9 +1,9 @@
 """One linear probe per study (``head_init="probe"``), shared by every worker and trial.
 
-The first trial of each worker finds the study's probe in the artifact store, through the
-study's record (``record.HEAD_PROBE``); where there is none yet it fits one
-(``finetune/probe.py``) on a seeded draw of the training split, writes it, and publishes it
-under the ticket lock. Workers that start together may each fit one: the first to publish
+The first trial of each worker process finds the study's probe in the artifact store, through
+the study's record (``record.HEAD_PROBE``), and the process keeps it; where there is none yet
+it fits one (``finetune/probe.py``) on a seeded draw of the training split, writes it, and
+publishes it under the ticket lock. Workers that start together may each fit one: the first to publish
 wins, the others delete theirs and load the winner's, so every trial of the study starts from
 the same head, whatever machine or device fitted it. The probe stays for the study's life
 (a few kilobytes: classes × features).
@@ -25,25 +25,38 @@ from sweeper.checkpoints import StoreError
 logger = logging.getLogger(__name__)
 
 
-def initialise_head(study: optuna.Study, store: Any, adapter: Any, split: Any, num_labels: int, seed: int,
-                    device: Any) -> dict[str, Any]:
-    """Load the study's probe into ``adapter``'s head, fitting and publishing it first where no
-    worker has; returns its record."""
-    from sweeper.finetune import probe  # torch: not for the modules that only read a study
+class StudyProbe:
+    """The study's probe as one worker process holds it: read (or fitted and published) by its
+    first trial, then loaded into each trial's head from memory, without the storage or the
+    store on every trial."""
 
-    layer = probe.last_linear(adapter, num_labels)
-    published = record.HEAD_PROBE.get(study)
-    if published is None:
-        mine = _fit(store, adapter, layer, split, num_labels, seed, device)
-        published = optuna_adapter.call_with_retries(lambda: _publish(study, mine), what="publishing the head probe")
+    def __init__(self, study: optuna.Study, store: Any, seed: int) -> None:
+        self.study, self.store, self.seed = study, store, seed
+        self._weights: tuple[Any, Any] | None = None
+
+    def initialise(self, adapter: Any, split: Any, num_labels: int, device: Any) -> None:
+        """Load the study's probe into ``adapter``'s head."""
+        from sweeper.finetune import probe  # torch: not for the modules that only read a study
+
+        layer = probe.last_linear(adapter, num_labels)
+        if self._weights is None:
+            self._weights = _read(self.store, self._published(adapter, layer, split, num_labels, device)["id"])
+        probe.load_probe(layer, *self._weights)
+
+    def _published(self, adapter: Any, layer: Any, split: Any, num_labels: int, device: Any) -> dict[str, Any]:
+        """The study's probe record, fitting and publishing one first where no worker has."""
+        published = record.HEAD_PROBE.get(self.study)
+        if published is not None:
+            return dict(published)
+        mine = _fit(self.store, adapter, layer, split, num_labels, self.seed, device)
+        published = optuna_adapter.call_with_retries(lambda: _publish(self.study, mine),
+                                                     what="publishing the head probe")
         if published["id"] != mine["id"]:  # another worker published first: every trial uses one probe
-            checkpoints.remove_quietly(store, mine["id"])
+            checkpoints.remove_quietly(self.store, mine["id"])
         else:
             logger.info("head_init=\"probe\": fitted on %d training examples in %.1f s, training accuracy %.4f",
                         mine["examples"], mine["seconds"], mine["accuracy"])
-    weight, bias = _read(store, published["id"])
-    probe.load_probe(layer, weight, bias)
-    return dict(published)
+        return published
 
 
 def _fit(store: Any, adapter: Any, layer: Any, split: Any, num_labels: int, seed: int, device: Any) -> dict[str, Any]:

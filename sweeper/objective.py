@@ -82,6 +82,7 @@ class Objective:
         self.device = torch.device(worker.device)
         self._data: PreparedData | None = None
         self._tokenizer: Any = None
+        self.head_probe = head_probe.StudyProbe(study, store, sweep.seed)  # head_init="probe": read once
         self.timings: dict[record.Field[float], float] = {}  # the running trial's, as of its last evaluation point
 
     # ------------------------------------------------------------------ shared state
@@ -197,8 +198,7 @@ class Objective:
         torch.manual_seed(head_seed(sweep.seed) if sweep.head_init == "shared" else seed)
         adapter = sweep.model.build(data.num_labels, sweep.cache_dir, hyper.dropout, data.label_names)
         if sweep.head_init == "probe":  # the study's linear probe of the pretrained features (head_probe.py)
-            head_probe.initialise_head(self.study, self.store, adapter, data.train, data.num_labels, sweep.seed,
-                                       self.device)
+            self.head_probe.initialise(adapter, data.train, data.num_labels, self.device)
         depth = adapter.num_blocks if hyper.unfreeze_depth is None else hyper.unfreeze_depth
         freeze.check_depth(depth, adapter.num_blocks)
         problems = hyper.check(adapter.num_blocks)
